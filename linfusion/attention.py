@@ -1,0 +1,152 @@
+"""LinFusion's generalized linear attention (arXiv 2409.02097): the core math and the module.
+
+The core is a function of already-projected (q, k, v) so it can be tested, benchmarked and
+swapped on its own; `LinFusionAttention` owns the projections and is what replaces a UNet's
+self-attention (`attn1`) layer.
+
+For one head, with phi(t) = elu(t) + 1 and N key tokens:
+
+    kv   = mean_n phi(k_n) v_n^T                  (dh x dh)
+    z    = phi(q) . mean_n phi(k_n) + eps          (one number per query)
+    out  = phi(q) kv / z
+
+The means (not sums) matter: eps = 1e-4 is calibrated against them, and they keep the
+normaliser well scaled at any token count. We append a column of ones to v so that kv and
+mean(phi(k)) come out of one matrix product ([kv | mean phi(k)], dh x (dh+1)), and the
+numerator and normaliser out of another.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+EPS = 1e-4
+
+
+def _feature_map(t: torch.Tensor) -> torch.Tensor:
+    return F.elu(t) + 1.0
+
+
+def kv_summary(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Per-head summary of the keys and values, [mean phi(k) v^T | mean phi(k)].
+
+    k: (B, H, N, dh), v: (B, H, N, dv) in any float dtype. Returns (B, H, dh, dv + 1) fp32.
+    The summary is all a query needs from the keys, so it can be averaged across devices
+    holding different bands of the image (patch parallelism) and stay exact.
+    """
+    n = k.shape[-2]
+    phi_k = _feature_map(k.float())
+    v1 = torch.cat([v.float(), v.new_ones(v.shape[:-1] + (1,), dtype=torch.float32)], dim=-1)
+    # Divide one operand by N before the product: the sum over millions of tokens stays in
+    # range and no (B, H, N, dh) temporary of phi(k)/N is made.
+    return torch.matmul(phi_k.transpose(-1, -2), v1.div_(n))
+
+
+def apply_summary(q: torch.Tensor, summary: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    """Attend queries q (B, H, N, dh) to a `kv_summary` (B, H, dh, dv + 1). Returns fp32 (B, H, N, dv)."""
+    num = torch.matmul(_feature_map(q.float()), summary)
+    out = num[..., :-1]
+    return out.div_(num[..., -1:].add_(eps))
+
+
+def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    """Normalized non-causal linear attention, all heads at once.
+
+    q: (B, H, Nq, dh), k: (B, H, Nk, dh), v: (B, H, Nk, dv). Returns (B, H, Nq, dv) in q's
+    dtype. Accumulates in fp32 whatever the input dtype; memory O(N * dh), never N x N.
+    """
+    return apply_summary(q, kv_summary(k, v), eps).to(q.dtype)
+
+
+class LinFusionAttention(nn.Module):
+    """Drop-in replacement of a UNet self-attention layer with LinFusion's linear attention.
+
+    Parameter names match the official weights (`to_q`, `to_k`, `to_v`, `to_out.0`,
+    `to_q_.{0,1,3}`, `to_k_.{0,1,3}`) so a state dict loads as is, and so that LoRA weight
+    patches addressed to `...attn1.to_q.weight` reach this module's own projections.
+
+    `operations` provides the Linear and LayerNorm classes (default: torch.nn). A host
+    application can pass its own layer classes (ComfyUI's ops, for weight casting and
+    partial loading) without this module knowing about it.
+
+    Hybrid mode: when `softmax_attn` (the model's own attention module) is given, inputs with
+    at most `softmax_max_tokens` query tokens go through it unchanged; larger ones use the
+    linear attention.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        mid_dim: int | None = None,
+        *,
+        operations: Any = nn,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        softmax_attn: nn.Module | None = None,
+        softmax_max_tokens: int = 0,
+    ) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"LinFusion layer: dim {dim} is not divisible by {heads} heads")
+        mid = dim if mid_dim is None else mid_dim
+        self.dim, self.heads, self.mid_dim = dim, heads, mid
+        kw = {"dtype": dtype, "device": device}
+        self.to_q = operations.Linear(dim, dim, bias=False, **kw)
+        self.to_k = operations.Linear(dim, dim, bias=False, **kw)
+        self.to_v = operations.Linear(dim, dim, bias=False, **kw)
+        self.to_out = nn.Sequential(operations.Linear(dim, dim, bias=True, **kw), nn.Dropout(0.0))
+        self.to_q_ = self._projection(operations, dim, mid, kw)
+        self.to_k_ = self._projection(operations, dim, mid, kw)
+        self.softmax_attn = softmax_attn
+        self.softmax_max_tokens = int(softmax_max_tokens)
+
+    @staticmethod
+    def _projection(operations: Any, dim: int, mid: int, kw: dict) -> nn.Sequential:
+        # Indices 0, 1, 3 carry weights: the official keys are to_q_.0/.1/.3.
+        return nn.Sequential(
+            operations.Linear(dim, mid, bias=True, **kw),
+            operations.LayerNorm(mid, **kw),
+            nn.LeakyReLU(0.01),
+            operations.Linear(mid, dim, bias=True, **kw),
+        )
+
+    def uses_softmax(self, tokens: int) -> bool:
+        """Whether an input of `tokens` query tokens runs through the model's own attention."""
+        return self.softmax_attn is not None and tokens <= self.softmax_max_tokens
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor | None = None,
+        value: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        transformer_options: dict | None = None,
+        **_ignored: Any,
+    ) -> torch.Tensor:
+        """x: (B, N, dim) -> (B, N, dim). `context`/`value` replace the key/value tokens
+        (reference-style patches feed extra tokens this way). Unknown keywords from other
+        callers are accepted and ignored."""
+        if self.uses_softmax(x.shape[1]):
+            kwargs = {} if transformer_options is None else {"transformer_options": transformer_options}
+            return self.softmax_attn(x, context=context, value=value, mask=mask, **kwargs)
+        if mask is not None:
+            raise ValueError(
+                "LinFusion attention got an attention mask; linear self-attention has no masked form. "
+                "Remove the node that adds a self-attention mask, or leave this layer unpatched."
+            )
+        kv_in = x if context is None else context
+        v_in = kv_in if value is None else value
+        q = self.to_q(x + self.to_q_(x))
+        k = self.to_k(kv_in + self.to_k_(kv_in))
+        v = self.to_v(v_in)
+        b, nq, _ = q.shape
+        h = self.heads
+        q, k, v = (t.reshape(b, t.shape[1], h, -1).transpose(1, 2) for t in (q, k, v))
+        out = linear_attention(q, k, v)
+        out = out.transpose(1, 2).reshape(b, nq, -1)
+        return self.to_out(out)

@@ -1,0 +1,94 @@
+"""Test harness: a real ComfyUI imported as a library on CPU, this pack loaded the way
+ComfyUI loads custom nodes, small models with the exact SD1.5 / SD2.1 / SDXL layouts, and
+official-format LinFusion weights made with random values.
+
+ComfyUI comes from $COMFYUI_PATH, else from the copy scripts/dev_setup.sh made.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+
+def _comfyui_path() -> Path:
+    env = os.environ.get("COMFYUI_PATH")
+    if env:
+        return Path(env)
+    marker = REPO / ".dev" / "comfyui_path"
+    if marker.is_file():
+        return Path(marker.read_text().strip())
+    raise RuntimeError("No ComfyUI found: run scripts/dev_setup.sh, or set COMFYUI_PATH to a ComfyUI checkout")
+
+
+COMFYUI = _comfyui_path()
+sys.path.insert(0, str(COMFYUI))
+
+import comfy.cli_args  # noqa: E402
+
+comfy.cli_args.args.cpu = True  # before comfy.model_management is imported: no CUDA here
+import comfy.model_management  # noqa: E402,F401
+import folder_paths  # noqa: E402
+import nodes  # noqa: E402
+
+import helpers  # noqa: E402  (tests/helpers.py: model and weight builders)
+
+_loaded = asyncio.run(nodes.load_custom_node(str(REPO)))
+if not _loaded:
+    raise RuntimeError(f"ComfyUI failed to load the pack from {REPO}: see the log above")
+
+
+@pytest.fixture(scope="session")
+def pack():
+    """The pack as ComfyUI imported it (module key: its path). Use its classes, not a second import."""
+    return sys.modules[str(REPO)]
+
+
+@pytest.fixture(scope="session")
+def lf(pack):
+    """The pack's `linfusion` package (same class identities as the nodes use)."""
+    return pack.linfusion
+
+
+@pytest.fixture(scope="session")
+def node_classes():
+    return nodes.NODE_CLASS_MAPPINGS
+
+
+@pytest.fixture
+def linfusion_dir(tmp_path, monkeypatch):
+    """An empty models/linfusion folder registered with folder_paths for this test."""
+    d = tmp_path / "linfusion"
+    d.mkdir()
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "linfusion",
+                        ([str(d)], folder_paths.folder_names_and_paths["linfusion"][1]))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return d
+
+
+@pytest.fixture(params=["sd15", "sd21", "sdxl"])
+def small(request):
+    """(family key, ModelPatcher) of a small model with the real layout of that family."""
+    return request.param, helpers.small_model(request.param)
+
+
+@pytest.fixture
+def sd15():
+    return helpers.small_model("sd15")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+# Server fixtures (a real ComfyUI server process with this pack) live in their own module.
+pytest_plugins = ["server_fixtures"]

@@ -1,0 +1,148 @@
+"""Builders shared by the tests: small models with the real UNet layouts, official-format
+LinFusion weights with random values, and a deterministic sampling call.
+
+Imported after conftest has put ComfyUI on sys.path and set CPU mode.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import comfy.model_base
+import comfy.model_management
+import comfy.model_patcher
+import comfy.sample
+import comfy.samplers
+import comfy.supported_models as sm
+import torch
+from safetensors.torch import save_file
+
+_SD15 = dict(
+    use_checkpoint=False, image_size=32, out_channels=4, use_spatial_transformer=True, legacy=False,
+    adm_in_channels=None, in_channels=4, num_res_blocks=[2, 2, 2, 2], transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
+    channel_mult=[1, 2, 4, 4], transformer_depth_middle=1, use_linear_in_transformer=False, context_dim=768,
+    num_heads=8, transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], use_temporal_attention=False,
+    use_temporal_resblock=False,
+)
+_SD21 = {**_SD15, "use_linear_in_transformer": True, "context_dim": 1024, "num_heads": -1, "num_head_channels": 64}
+_SDXL = dict(
+    use_checkpoint=False, image_size=32, out_channels=4, use_spatial_transformer=True, legacy=False,
+    num_classes="sequential", adm_in_channels=2816, in_channels=4, num_res_blocks=[2, 2, 2],
+    transformer_depth=[0, 0, 2, 2, 10, 10], channel_mult=[1, 2, 4], transformer_depth_middle=10,
+    use_linear_in_transformer=True, context_dim=2048, num_head_channels=64, num_heads=-1,
+    transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10], use_temporal_attention=False,
+    use_temporal_resblock=False,
+)
+# family key -> (supported model class, full unet config, small model_channels, model type)
+LAYOUTS = {
+    "sd15": (sm.SD15, _SD15, 32, comfy.model_base.ModelType.EPS),
+    "sd21": (sm.SD20, _SD21, 64, comfy.model_base.ModelType.V_PREDICTION),
+    "sdxl": (sm.SDXL, _SDXL, 64, comfy.model_base.ModelType.EPS),
+}
+LF_FAMILY = {"sd15": "sd1", "sd21": "sd2", "sdxl": "sdxl"}
+CONTEXT = {"sd15": 768, "sd21": 1024, "sdxl": 2048}
+
+
+def base_model(kind: str, channels: int | None = None, meta: bool = False):
+    """A ComfyUI BaseModel with the exact module layout of `kind`; `channels` shrinks its
+    widths (None: full size). On meta it costs no memory (names and shapes only)."""
+    cls, cfg, small_ch, model_type = LAYOUTS[kind]
+    cfg = {**cfg, "model_channels": channels or 320}
+    config = cls(cfg)
+    model_cls = comfy.model_base.SDXL if kind == "sdxl" else comfy.model_base.BaseModel
+    if meta:
+        with torch.device("meta"):
+            return model_cls(config, model_type=model_type)
+    return model_cls(config, model_type=model_type)
+
+
+def small_model(kind: str, seed: int = 0) -> comfy.model_patcher.ModelPatcher:
+    """Small model (random weights, fp32, CPU) wrapped in ComfyUI's ModelPatcher."""
+    model = base_model(kind, LAYOUTS[kind][2])
+    fill_random(model, seed)
+    dev = comfy.model_management.get_torch_device()
+    return comfy.model_patcher.ModelPatcher(model, load_device=dev, offload_device=torch.device("cpu"))
+
+
+def fill_random(module: torch.nn.Module, seed: int) -> None:
+    """ComfyUI's layers skip weight init: give every parameter values that keep activations sane."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.ndim <= 1:
+                base = 1.0 if name.endswith("weight") else 0.0  # 1-D weights are norm gains
+                p.copy_(base + 0.02 * torch.randn(p.shape, generator=g))
+            else:
+                fan_in = math.prod(p.shape[1:])
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(fan_in))
+
+
+def lf_modules(lf, kind: str, unet=None):
+    """ModuleSpecs of the family of `kind`; with a UNet, widths taken from its attn1 layers."""
+    fam = lf.FAMILIES[LF_FAMILY[kind]]
+    specs = fam.modules()
+    if unet is None:
+        return specs
+    out = []
+    for s in specs:
+        attn = unet.get_submodule(lf.diffusers_to_ldm(s.name))
+        d = attn.to_q.weight.shape[1]
+        h = attn.heads
+        mid = d if fam.mid_dim(s.dim) == s.dim else d // 16
+        out.append(lf.ModuleSpec(s.name, d, h, mid))
+    return out
+
+
+def random_state(lf, modules, seed: int = 0, dtype=torch.float16, scale: float = 1.0) -> dict[str, torch.Tensor]:
+    """Official-format state dict (keys `i.<tensor>`) with random values of sane scale."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for i, spec in enumerate(modules):
+        for k, shape in lf.weights.module_shapes(spec).items():
+            if len(shape) == 2:
+                t = torch.randn(shape, generator=g) * (scale / math.sqrt(shape[1]))
+            elif k.endswith(".1.weight"):  # LayerNorm gain
+                t = 1.0 + 0.02 * torch.randn(shape, generator=g)
+            else:
+                t = 0.02 * torch.randn(shape, generator=g)
+            sd[f"{i}.{k}"] = t.to(dtype)
+    return sd
+
+
+def write_official(folder: Path, lf, modules, state: dict, early_config: bool = False) -> Path:
+    """Write config.json + diffusion_pytorch_model.safetensors exactly as the hub has them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if early_config:
+        cfg = {"_class_name": "StableMamba", "modules_list": [[m.name, m.dim, m.heads] for m in modules]}
+    else:
+        cfg = lf.weights.make_config(modules)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "diffusion_pytorch_model.safetensors"),
+              metadata={"format": "pt"})
+    return folder
+
+
+def conds(kind: str, batch: int = 1, seed: int = 1, width: int = 512, height: int = 512):
+    """(positive, negative) ComfyUI conditioning with random text embeddings."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(2):
+        c = torch.randn(batch, 77, CONTEXT[kind], generator=g)
+        extra = {}
+        if kind == "sdxl":
+            extra = {"pooled_output": torch.randn(batch, 1280, generator=g), "width": width, "height": height}
+        out.append([[c, extra]])
+    return out[0], out[1]
+
+
+def sample(model, kind: str, latent_hw=(16, 16), steps: int = 4, seed: int = 42, batch: int = 1,
+           sampler: str = "euler", scheduler: str = "normal", cfg: float = 5.0, callback=None) -> torch.Tensor:
+    """Sample from an empty latent with ComfyUI's own sampling entry point."""
+    h, w = latent_hw
+    latent = torch.zeros(batch, 4, h, w)
+    noise = comfy.sample.prepare_noise(latent, seed)
+    pos, neg = conds(kind, batch, width=w * 8, height=h * 8)
+    return comfy.sample.sample(model, noise, steps, cfg, sampler, scheduler, pos, neg, latent, seed=seed,
+                               callback=callback, disable_pbar=True)
