@@ -8,8 +8,8 @@ config from a bare state dict and the error messages all derive from it.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 
 @dataclass(frozen=True)
@@ -97,12 +97,15 @@ def diffusers_to_ldm(name: str) -> str:
 
 
 def match_family(modules: list[ModuleSpec]) -> Family | None:
-    """The family whose layout these modules are, or None. Heads are compared only when known;
-    with unknown heads SD1.x and SD2.x look alike and the first (SD1.x) is returned."""
+    """The family whose layout these modules have: the same layer names in the same order and
+    the family's rules for heads and projection width. Absolute widths are not compared (the
+    layer-by-layer check against a model does that), so scaled-down test layouts match too.
+    Heads are compared only when known; with unknown heads SD1.x and SD2.x look alike and
+    the first (SD1.x) is returned."""
     for fam in FAMILIES.values():
         ref = fam.modules()
         if len(ref) == len(modules) and all(
-            a.name == b.name and a.dim == b.dim and a.mid_dim == b.mid_dim and (b.heads is None or a.heads == b.heads)
+            a.name == b.name and b.mid_dim == fam.mid_dim(b.dim) and (b.heads is None or b.heads == fam.heads(b.dim))
             for a, b in zip(ref, modules)
         ):
             return fam

@@ -6,9 +6,10 @@ the original (LDM) layout, which is ComfyUI's. The host decides how to swap the 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -138,7 +139,8 @@ def build_replacements(
     out = {}
     for r in plan:
         with torch.device("meta"):
-            layer = LinFusionAttention(r.spec.dim, r.spec.heads, r.spec.mid_dim, operations=operations_for(r.path), dtype=dtype)
+            layer = LinFusionAttention(r.spec.dim, r.spec.heads, r.spec.mid_dim,
+                                       operations=operations_for(r.path), dtype=dtype)
         state = {k: v.to(dtype=dtype) if dtype is not None else v for k, v in weights.module_state(r.index).items()}
         layer = layer.to_empty(device=device)
         layer.load_state_dict(state, strict=True, assign=False)

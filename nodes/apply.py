@@ -9,6 +9,7 @@ from comfy.patcher_extension import CallbacksMP
 from comfy_api.latest import io
 
 from ..linfusion.attention import LinFusionAttention
+from ..linfusion.families import supported_families_text
 from ..linfusion.patching import (
     IncompatibleModelError,
     build_replacements,
@@ -17,7 +18,6 @@ from ..linfusion.patching import (
     operations_like,
     plan_replacements,
 )
-from ..linfusion.families import supported_families_text
 from . import weights_store
 
 log = logging.getLogger("ComfyUI-LinFusion")
@@ -49,7 +49,8 @@ def mirror_lora_to_softmax(paths: list[str]):
             want, have = patcher.patches.get(src), patcher.patches.get(dst)
             if want is None and have is None:
                 continue
-            if want is not None and have is not None and len(want) == len(have) and all(a is b for a, b in zip(want, have)):
+            same = want is not None and have is not None and len(want) == len(have)
+            if same and all(a is b for a, b in zip(want, have)):
                 continue  # already mirrored and applied by load()
             if want is None:
                 patcher.patches.pop(dst, None)

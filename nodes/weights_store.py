@@ -87,9 +87,11 @@ def download(fam: Family, target: Path) -> Path:
         for name in (CONFIG_NAME, WEIGHTS_NAME):
             hf_hub_download(fam.repo_id, name, local_dir=str(partial))
     except Exception as exc:
+        shutil.rmtree(partial, ignore_errors=True)
+        first_line = str(exc).splitlines()[0] if str(exc) else ""
         raise LinFusionWeightsError(
-            f"LinFusion 'auto' needs the weights of {fam.label} and could not download {fam.repo_id} ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}). Download {CONFIG_NAME} and {WEIGHTS_NAME} from "
+            f"LinFusion 'auto' needs the weights of {fam.label} and could not download {fam.repo_id} "
+            f"({type(exc).__name__}: {first_line}). Download {CONFIG_NAME} and {WEIGHTS_NAME} from "
             f"https://huggingface.co/{fam.repo_id} and put both in {target}{os.sep}"
         ) from exc
     if target.exists():

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+os.environ["HF_HUB_OFFLINE"] = "1"  # tests never reach the hub, and fail fast if code tries
 sys.path.insert(0, str(REPO / "tests"))
 
 
@@ -37,9 +38,8 @@ import comfy.cli_args  # noqa: E402
 comfy.cli_args.args.cpu = True  # before comfy.model_management is imported: no CUDA here
 import comfy.model_management  # noqa: E402,F401
 import folder_paths  # noqa: E402
-import nodes  # noqa: E402
-
 import helpers  # noqa: E402  (tests/helpers.py: model and weight builders)
+import nodes  # noqa: E402
 
 _loaded = asyncio.run(nodes.load_custom_node(str(REPO)))
 if not _loaded:

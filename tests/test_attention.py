@@ -1,0 +1,102 @@
+"""The attention core and module against an independent implementation of the paper's formula."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+
+def reference_attention(q, k, v, eps=1e-4):
+    """Straight from the reference: phi = elu+1, kv = (phi(k)^T/sqrt(N)) (v/sqrt(N)),
+    z = phi(q) mean(phi(k))^T + eps, out = phi(q) kv / z. fp64 for a clean oracle."""
+    q, k, v = (t.double() for t in (q, k, v))
+    n = k.shape[-2]
+    pq, pk = F.elu(q) + 1, F.elu(k) + 1
+    kv = (pk.transpose(-1, -2) / n ** 0.5) @ (v / n ** 0.5)
+    z = pq @ pk.mean(dim=-2, keepdim=True).transpose(-1, -2) + eps
+    return (pq @ kv) / z
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 64, 40, 40), (1, 5, 333, 64, 64), (3, 2, 17, 16, 16), (1, 4, 100, 8, 8)])
+def test_core_matches_formula_fp32(lf, shape):
+    b, h, nq, dh, dv = shape
+    nk = nq + 7  # keys need not be the queries
+    q, k, v = torch.randn(b, h, nq, dh) * 2, torch.randn(b, h, nk, dh) * 2, torch.randn(b, h, nk, dv)
+    out = lf.linear_attention(q, k, v)
+    assert out.shape == (b, h, nq, dv) and out.dtype == torch.float32
+    err = (out.double() - reference_attention(q, k, v)).abs().max().item()
+    assert err < 1e-5, err
+
+
+def test_summary_is_mergeable(lf):
+    """Averaging the [kv | mean phi(k)] summaries of two equal halves gives the full result:
+    what patch-parallel generation relies on."""
+    q, k, v = torch.randn(1, 2, 50, 16), torch.randn(1, 2, 64, 16), torch.randn(1, 2, 64, 16)
+    s = 0.5 * (lf.kv_summary(k[:, :, :32], v[:, :, :32]) + lf.kv_summary(k[:, :, 32:], v[:, :, 32:]))
+    assert lf.kv_summary(k, v).shape == (1, 2, 16, 17)
+    err = (lf.apply_summary(q, s) - lf.linear_attention(q, k, v)).abs().max().item()
+    assert err < 1e-5, err
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_million_tokens(lf, dtype):
+    """2^20 tokens, one head of 64: finite, within 1e-2 relative of fp32 (fp32 accumulation)."""
+    n = 1 << 20
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 1, n, 64, generator=g) * 3 for _ in range(3))
+    ref = lf.linear_attention(q, k, v)
+    out = lf.linear_attention(q.to(dtype), k.to(dtype), v.to(dtype))
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    rel = ((out.float() - ref).norm() / ref.norm()).item()
+    assert rel < 1e-2, rel
+
+
+def _module_reference(layer, x, ctx=None):
+    """The whole layer from its parameters, written out independently."""
+    p = {k: t.double() for k, t in layer.state_dict().items()}
+
+    def proj(prefix, t):
+        y = t @ p[f"{prefix}.0.weight"].T + p[f"{prefix}.0.bias"]
+        y = F.layer_norm(y, y.shape[-1:], p[f"{prefix}.1.weight"], p[f"{prefix}.1.bias"], eps=1e-5)
+        y = F.leaky_relu(y, 0.01)
+        return y @ p[f"{prefix}.3.weight"].T + p[f"{prefix}.3.bias"]
+
+    x = x.double()
+    c = x if ctx is None else ctx.double()
+    q = (x + proj("to_q_", x)) @ p["to_q.weight"].T
+    k = (c + proj("to_k_", c)) @ p["to_k.weight"].T
+    v = c @ p["to_v.weight"].T
+    b, h = x.shape[0], layer.heads
+    q, k, v = (t.reshape(b, t.shape[1], h, -1).transpose(1, 2) for t in (q, k, v))
+    o = reference_attention(q, k, v).transpose(1, 2).reshape(b, x.shape[1], -1)
+    return o @ p["to_out.0.weight"].T + p["to_out.0.bias"]
+
+
+@pytest.mark.parametrize("dim,heads,mid", [(64, 8, 64), (128, 2, 8)])
+def test_module_matches_formula(lf, dim, heads, mid):
+    layer = lf.LinFusionAttention(dim, heads, mid)
+    with torch.no_grad():
+        for t in layer.parameters():
+            t.copy_(torch.randn_like(t) * 0.2)
+    x, ctx = torch.randn(2, 96, dim), torch.randn(2, 30, dim)
+    out = layer(x)
+    assert out.shape == x.shape
+    assert (out.double() - _module_reference(layer, x)).abs().max().item() < 1e-5
+    # context replaces the key/value tokens; callers' extra keywords are accepted
+    out_c = layer(x, context=ctx, transformer_options={"block": ("input", 1)}, some_future_kwarg=1)
+    assert (out_c.double() - _module_reference(layer, x, ctx)).abs().max().item() < 1e-5
+
+
+def test_official_parameter_names_and_totals(lf):
+    names = set(lf.LinFusionAttention(320, 8).state_dict())
+    assert names == set(lf.weights.module_shapes(lf.ModuleSpec("x", 320, 8, 320)))
+    totals = {k: sum(torch.Size(s).numel() for m in f.modules() for s in lf.weights.module_shapes(m).values())
+              for k, f in lf.FAMILIES.items()}
+    assert totals == {"sd1": 99_235_520, "sd2": 99_235_520, "sdxl": 435_480_800}
+
+
+def test_mask_is_refused_clearly(lf):
+    layer = lf.LinFusionAttention(32, 4)
+    with pytest.raises(ValueError, match="mask"):
+        layer(torch.randn(1, 8, 32), mask=torch.ones(1, 8, 8))
