@@ -12,8 +12,8 @@ For one head, with phi(t) = elu(t) + 1 and N key tokens:
 
 The means (not sums) matter: eps = 1e-4 is calibrated against them, and they keep the
 normaliser well scaled at any token count. We append a column of ones to v so that kv and
-mean(phi(k)) come out of one matrix product ([kv | mean phi(k)], dh x (dh+1)), and the
-numerator and normaliser out of another.
+mean(phi(k)) form one summary ([kv | mean phi(k)], dh x (dh+1)), and the numerator and
+normaliser come out of one matrix product with it.
 """
 
 from __future__ import annotations
@@ -27,39 +27,70 @@ from torch import nn
 EPS = 1e-4
 
 
-def _feature_map(t: torch.Tensor) -> torch.Tensor:
-    return F.elu(t) + 1.0
+# Tokens are processed in chunks of about this many elements per operand (B*H*chunk*dh):
+# the fp32 temporaries stay in cache and memory stays O(chunk) beyond the inputs/output,
+# whatever the resolution (at 16K, level 0 has 4M tokens).
+CHUNK_ELEMENTS = 1 << 21
+
+
+def _chunk_tokens(t: torch.Tensor) -> int:
+    per_token = max(1, t.numel() // max(1, t.shape[-2]))
+    return max(256, CHUNK_ELEMENTS // per_token)
+
+
+def _phi(t: torch.Tensor) -> torch.Tensor:
+    """elu(t) + 1 in fp32, as one new tensor."""
+    return F.elu(t.float()).add_(1.0)
 
 
 def kv_summary(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Per-head summary of the keys and values, [mean phi(k) v^T | mean phi(k)].
 
-    k: (B, H, N, dh), v: (B, H, N, dv) in any float dtype. Returns (B, H, dh, dv + 1) fp32.
-    The summary is all a query needs from the keys, so it can be averaged across devices
-    holding different bands of the image (patch parallelism) and stay exact.
+    k: (B, H, N, dh), v: (B, H, N, dv), any float dtype and strides. Returns fp32
+    (B, H, dh, dv + 1). The summary is all a query needs from the keys, so it can be
+    averaged across devices holding different bands of the image (patch parallelism) and
+    stay exact.
     """
     n = k.shape[-2]
-    phi_k = _feature_map(k.float())
-    v1 = torch.cat([v.float(), v.new_ones(v.shape[:-1] + (1,), dtype=torch.float32)], dim=-1)
-    # Divide one operand by N before the product: the sum over millions of tokens stays in
-    # range and no (B, H, N, dh) temporary of phi(k)/N is made.
-    return torch.matmul(phi_k.transpose(-1, -2), v1.div_(n))
+    kv = torch.zeros(k.shape[:-2] + (k.shape[-1], v.shape[-1]), dtype=torch.float32, device=k.device)
+    ksum = torch.zeros(k.shape[:-2] + (k.shape[-1], 1), dtype=torch.float32, device=k.device)
+    step = _chunk_tokens(k)
+    for s in range(0, n, step):
+        phi_k = _phi(k[..., s:s + step, :]).transpose(-1, -2)
+        kv.add_(torch.matmul(phi_k, v[..., s:s + step, :].float()))
+        ksum.add_(phi_k.sum(dim=-1, keepdim=True))
+    # Means, not sums: eps is calibrated against them and they stay in range at any N.
+    return torch.cat([kv, ksum], dim=-1).div_(n)
 
 
-def apply_summary(q: torch.Tensor, summary: torch.Tensor, eps: float = EPS) -> torch.Tensor:
-    """Attend queries q (B, H, N, dh) to a `kv_summary` (B, H, dh, dv + 1). Returns fp32 (B, H, N, dv)."""
-    num = torch.matmul(_feature_map(q.float()), summary)
-    out = num[..., :-1]
-    return out.div_(num[..., -1:].add_(eps))
+def apply_summary(q: torch.Tensor, summary: torch.Tensor, eps: float = EPS,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """Attend queries q (B, H, N, dh) to a `kv_summary` (B, H, dh, dv + 1).
+
+    Returns (B, H, N, dv), written into `out` when given (any dtype and strides, e.g. a
+    transposed view of the layer's (B, N, H, dv) output), else a new fp32 tensor.
+    """
+    n = q.shape[-2]
+    if out is None:
+        out = torch.empty(q.shape[:-1] + (summary.shape[-1] - 1,), dtype=torch.float32, device=q.device)
+    step = _chunk_tokens(q)
+    for s in range(0, n, step):
+        num = torch.matmul(_phi(q[..., s:s + step, :]), summary)
+        out[..., s:s + step, :] = num[..., :-1].div_(num[..., -1:].add_(eps))
+    return out
 
 
-def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float = EPS,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
     """Normalized non-causal linear attention, all heads at once.
 
     q: (B, H, Nq, dh), k: (B, H, Nk, dh), v: (B, H, Nk, dv). Returns (B, H, Nq, dv) in q's
-    dtype. Accumulates in fp32 whatever the input dtype; memory O(N * dh), never N x N.
+    dtype (or written into `out`). Accumulates in fp32 whatever the input dtype; memory
+    beyond inputs and output is O(chunk), never N x N.
     """
-    return apply_summary(q, kv_summary(k, v), eps).to(q.dtype)
+    if out is None:
+        out = torch.empty(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)
+    return apply_summary(q, kv_summary(k, v), eps, out=out)
 
 
 class LinFusionAttention(nn.Module):
@@ -146,7 +177,9 @@ class LinFusionAttention(nn.Module):
         v = self.to_v(v_in)
         b, nq, _ = q.shape
         h = self.heads
-        q, k, v = (t.reshape(b, t.shape[1], h, -1).transpose(1, 2) for t in (q, k, v))
-        out = linear_attention(q, k, v)
-        out = out.transpose(1, 2).reshape(b, nq, -1)
-        return self.to_out(out)
+        # Heads as strided views of the (B, N, H, dh) projections: no transposed copies; the
+        # core writes straight into the (B, N, H, dv) output that to_out reads.
+        q, k, v = (t.view(b, t.shape[1], h, -1).transpose(1, 2) for t in (q, k, v))
+        out = torch.empty(b, nq, h, v.shape[-1], dtype=q.dtype, device=q.device)
+        linear_attention(q, k, v, out=out.transpose(1, 2))
+        return self.to_out(out.view(b, nq, -1))

@@ -38,20 +38,23 @@ def folders() -> list[str]:
 
 
 def choices() -> list[str]:
-    """'auto', then weight folders (holding the official pair of files), then loose files."""
+    """'auto', then weight folders (holding the official pair of files), then loose files.
+
+    Follows symbolic links (shared model stores often link whole folders in), skips hidden
+    entries and unfinished downloads (`*.partial`).
+    """
     found: set[str] = set()
     for root in folders():
-        rootp = Path(root)
-        if not rootp.is_dir():
-            continue
-        for p in sorted(rootp.rglob("*")):
-            rel = p.relative_to(rootp).as_posix()
-            if any(part.startswith(".") or part.endswith(".partial") for part in p.relative_to(rootp).parts):
-                continue  # download leftovers and hidden files
-            if p.name == WEIGHTS_NAME:
-                found.add(p.parent.relative_to(rootp).as_posix() if p.parent != rootp else rel)
-            elif p.is_file() and p.suffix.lower() in {".safetensors", *PICKLE_SUFFIXES}:
-                found.add(rel)
+        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".") and not d.endswith(".partial")]
+            rel_dir = Path(dirpath).relative_to(root).as_posix()
+            for name in filenames:
+                if name.startswith("."):
+                    continue
+                if name == WEIGHTS_NAME and rel_dir != ".":
+                    found.add(rel_dir)
+                elif Path(name).suffix.lower() in {".safetensors", *PICKLE_SUFFIXES}:
+                    found.add(name if rel_dir == "." else f"{rel_dir}/{name}")
     return [AUTO, *sorted(found)]
 
 

@@ -174,7 +174,7 @@ def test_auto_offline_without_files_names_repo_and_folder(lf, node_classes, smal
     msg = str(e.value)
     assert fam.repo_id in msg and str(linfusion_dir / fam.folder_name) in msg and "huggingface.co" in msg
     assert time.time() - t < 30
-    assert not any(linfusion_dir.iterdir()) or not (linfusion_dir / fam.folder_name).exists()
+    assert list(linfusion_dir.iterdir()) == []  # no half-downloaded leftovers
     assert not model.object_patches
 
 
@@ -222,4 +222,9 @@ def test_choices_list_folders_and_files(lf, pack, sd15, linfusion_dir):
     (linfusion_dir / "old.ckpt").write_bytes(b"")
     (linfusion_dir / "x.partial").mkdir()
     (linfusion_dir / "x.partial" / "diffusion_pytorch_model.safetensors").write_bytes(b"")
-    assert pack.nodes.weights_store.choices() == ["auto", "a_folder", "loose.safetensors", "old.ckpt"]
+    shared = linfusion_dir.parent / "shared_store" / "LinFusion-XL"
+    shared.mkdir(parents=True)
+    (shared / "diffusion_pytorch_model.safetensors").write_bytes(b"")
+    (linfusion_dir / "linked").symlink_to(shared.parent, target_is_directory=True)
+    assert pack.nodes.weights_store.choices() == [
+        "auto", "a_folder", "linked/LinFusion-XL", "loose.safetensors", "old.ckpt"]

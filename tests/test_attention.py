@@ -100,3 +100,14 @@ def test_mask_is_refused_clearly(lf):
     layer = lf.LinFusionAttention(32, 4)
     with pytest.raises(ValueError, match="mask"):
         layer(torch.randn(1, 8, 32), mask=torch.ones(1, 8, 8))
+
+
+def test_chunk_boundaries(lf, monkeypatch):
+    """Token chunking (bounded memory at any resolution) must not change the result."""
+    monkeypatch.setattr(lf.attention, "CHUNK_ELEMENTS", 3000)  # 256-token chunks here
+    q, k, v = torch.randn(2, 3, 1000, 8), torch.randn(2, 3, 777, 8), torch.randn(2, 3, 777, 5)
+    assert lf.attention._chunk_tokens(q) == 256
+    out = torch.empty(2, 1000, 3, 5).transpose(1, 2)  # a strided destination, as the layer uses
+    lf.linear_attention(q, k, v, out=out)
+    err = (out.double() - reference_attention(q, k, v)).abs().max().item()
+    assert err < 1e-5, err
