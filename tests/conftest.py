@@ -2,7 +2,8 @@
 ComfyUI loads custom nodes, small models with the exact SD1.5 / SD2.1 / SDXL layouts, and
 official-format LinFusion weights made with random values.
 
-ComfyUI comes from $COMFYUI_PATH, else from the copy scripts/dev_setup.sh made.
+ComfyUI comes from $COMFYUI_PATH, else from the copy scripts/dev_setup.sh made
+(scripts/comfy_env.py).
 """
 
 from __future__ import annotations
@@ -18,24 +19,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests never reach the hub, and fail fast if code tries
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "scripts"))
+import comfy_env  # noqa: E402
 
-
-def _comfyui_path() -> Path:
-    env = os.environ.get("COMFYUI_PATH")
-    if env:
-        return Path(env)
-    marker = REPO / ".dev" / "comfyui_path"
-    if marker.is_file():
-        return Path(marker.read_text().strip())
-    raise RuntimeError("No ComfyUI found: run scripts/dev_setup.sh, or set COMFYUI_PATH to a ComfyUI checkout")
-
-
-COMFYUI = _comfyui_path()
-sys.path.insert(0, str(COMFYUI))
-
-import comfy.cli_args  # noqa: E402
-
-comfy.cli_args.args.cpu = True  # before comfy.model_management is imported: no CUDA here
+COMFYUI = comfy_env.setup(cpu=True)  # before comfy.model_management is imported: no CUDA here
 import comfy.model_management  # noqa: E402,F401
 import folder_paths  # noqa: E402
 import helpers  # noqa: E402  (tests/helpers.py: model and weight builders)

@@ -228,3 +228,29 @@ def test_choices_list_folders_and_files(lf, pack, sd15, linfusion_dir):
     (linfusion_dir / "linked").symlink_to(shared.parent, target_is_directory=True)
     assert pack.nodes.weights_store.choices() == [
         "auto", "a_folder", "linked/LinFusion-XL", "loose.safetensors", "old.ckpt"]
+
+
+def test_memory_estimate_is_linear_while_sampling_and_restored(lf, pack, node_classes, sd15, linfusion_dir):
+    """ComfyUI plans memory with BaseModel.memory_required; for a patched model it must be the
+    linear estimate during sampling (4K..16K latents: far below the softmax estimate), and the
+    shared base model must get its own method back afterwards."""
+    put_weights(lf, linfusion_dir, "sd15", sd15)
+    patched = apply(node_classes, sd15, "auto")
+    base = sd15.model
+    shapes = {px: [2, 4, px // 8, px // 8] for px in (4096, 8192, 16384)}
+    plain = {px: base.memory_required(s) for px, s in shapes.items()}
+    seen = {}
+
+    def callback(step, *_):
+        if step == 0:
+            seen.update({px: patched.model.memory_required(s) for px, s in shapes.items()})
+
+    helpers.sample(patched, "sd15", steps=2, callback=callback)
+    expected = {px: pack.nodes.apply.linfusion_memory_required(base, s) for px, s in shapes.items()}
+    assert seen == expected
+    area = 2 * (16384 // 8) ** 2
+    assert expected[16384] == area * 4 * 0.01 * base.memory_usage_factor * 2**20  # fp32 model
+    assert expected[8192] * 4 == expected[16384]  # linear in area
+    assert all(seen[px] < plain[px] / 3 for px in shapes)  # CPU baseline: sub-quadratic estimate
+    assert "memory_required" not in vars(base)  # restored
+    assert base.memory_required(shapes[4096]) == plain[4096]

@@ -1,0 +1,69 @@
+"""Peak-memory and timing helpers shared by the bench scripts.
+
+CPU peak memory is the process's resident high-water mark (VmHWM) after resetting it
+through /proc/self/clear_refs, minus the resident size just before the measured call. glibc
+is told to serve every allocation above 64 KiB by mmap (MALLOC_MMAP_THRESHOLD_), so freed
+tensors really leave the process and one measurement does not hide inside another's
+leftovers. On CUDA the peak is torch.cuda.max_memory_allocated.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+MMAP_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def reexec_with_malloc_env() -> None:
+    """Restart this script with the allocator settings above (once)."""
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") != MMAP_ENV["MALLOC_MMAP_THRESHOLD_"]:
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MMAP_ENV})
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def measure(fn: Callable[[], object], device: torch.device, repeats: int = 3) -> tuple[float, int]:
+    """(best wall seconds over `repeats` after one warm-up, peak extra bytes of one call)."""
+    fn()  # warm-up: lazy inits, allocator caches
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        base = _status_kib("VmRSS")
+        fn()
+        peak = (_status_kib("VmHWM") - base) * 1024
+    best = float("inf")
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t)
+    return best, max(0, peak)
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
