@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -78,7 +77,7 @@ def main() -> None:
     comfy_env.setup(cpu=a.device == "cpu")
     import comfy.ldm.modules.attention as cattn
 
-    from bench.memory import MMAP_ENV, fmt_bytes
+    from bench.memory import fmt_bytes, run_child
 
     backends = [b for b in cattn.REGISTERED_ATTENTION_FUNCTIONS if b in ("sub_quad", "split", "pytorch", "xformers",
                                                                         "flash", "sage")]
@@ -94,16 +93,9 @@ def main() -> None:
                     row[backend] = {"stopped": True, "why": "a smaller size already ran past the time limit"}
                     continue
                 cmd = [sys.executable, __file__, "--case", backend, str(dim), str(heads), str(tokens), a.device]
-                try:
-                    out = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout,
-                                         env={**__import__("os").environ, **MMAP_ENV})
-                    row[backend] = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else {
-                        "error": out.stderr.strip().splitlines()[-1][:200]}
-                except subprocess.TimeoutExpired:
-                    row[backend] = {"stopped": True, "why": f"ran past {a.timeout:.0f} s"}
+                row[backend] = run_child(cmd, a.timeout)
+                if row[backend].get("stopped"):
                     too_slow.add(key)
-                except (json.JSONDecodeError, IndexError):
-                    row[backend] = {"error": "no result"}
             rows.append(row)
             print(format_row(row, backends, fmt_bytes), flush=True)
 

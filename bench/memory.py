@@ -67,3 +67,20 @@ def fmt_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} GiB"
+
+
+def run_child(cmd: list[str], timeout: float) -> dict:
+    """Run one bench case in a fresh process (clean high-water mark) and parse the JSON it
+    prints last. A case past `timeout` seconds is stopped: {"stopped": True, "why": ...}."""
+    import json
+    import subprocess
+
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **MMAP_ENV})
+    except subprocess.TimeoutExpired:
+        return {"stopped": True, "why": f"ran past {timeout:.0f} s"}
+    lines = out.stdout.strip().splitlines()
+    if out.returncode != 0 or not lines:
+        err = out.stderr.strip().splitlines()
+        return {"error": (err[-1] if err else f"exit code {out.returncode}")[:200]}
+    return json.loads(lines[-1])
