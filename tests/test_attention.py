@@ -96,6 +96,15 @@ def test_official_parameter_names_and_totals(lf):
     assert totals == {"sd1": 99_235_520, "sd2": 99_235_520, "sdxl": 435_480_800}
 
 
+def test_feature_map_is_elu_plus_one(lf):
+    x = torch.cat([torch.linspace(-200, 200, 100001), torch.tensor([0.0, -0.0, 1e-30, -1e-30, 88.8, 1e4])])
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        got = lf.attention._phi(x.to(dtype))
+        ref = F.elu(x.to(dtype).double()) + 1
+        assert got.dtype == torch.float32 and torch.isfinite(got).all()
+        assert (got.double() - ref).abs().max().item() < 1e-6 * max(1.0, ref.abs().max().item())
+
+
 def test_mask_is_refused_clearly(lf):
     layer = lf.LinFusionAttention(32, 4)
     with pytest.raises(ValueError, match="mask"):
@@ -104,7 +113,7 @@ def test_mask_is_refused_clearly(lf):
 
 def test_chunk_boundaries(lf, monkeypatch):
     """Token chunking (bounded memory at any resolution) must not change the result."""
-    monkeypatch.setattr(lf.attention, "CHUNK_ELEMENTS", 3000)  # 256-token chunks here
+    monkeypatch.setitem(lf.attention.CHUNK_ELEMENTS, "cpu", 3000)  # 256-token chunks here
     q, k, v = torch.randn(2, 3, 1000, 8), torch.randn(2, 3, 777, 8), torch.randn(2, 3, 777, 5)
     assert lf.attention._chunk_tokens(q) == 256
     out = torch.empty(2, 1000, 3, 5).transpose(1, 2)  # a strided destination, as the layer uses
