@@ -35,25 +35,30 @@ def main() -> None:
     print(f"device {dev} ({torch.cuda.get_device_name() if dev.type == 'cuda' else 'CPU'}), "
           f"{torch.get_num_threads()} threads, {dtype}")
     for name, dim, heads, div in (("SD1.5", 320, 8, 8), ("SDXL", 640, 10, 16)):
-        dh = dim // heads
         for px in a.px:
-            n = (px // div) ** 2
-            mk = lambda: torch.randn(2, n, dim, device=dev, dtype=dtype).view(2, n, heads, dh).transpose(1, 2)  # noqa: E731
-            q, k, v = mk(), mk(), mk()
-            out = torch.empty(2, n, heads, dh, device=dev, dtype=dtype).transpose(1, 2)
-            pk = torch.randn(2, heads, n, dh, device=dev)
-            v1 = torch.randn(2, heads, n, dh + 1, device=dev)
-            s = torch.randn(2, heads, dh, dh + 1, device=dev)
-            with torch.no_grad():
-                t_core, _ = measure(lambda: linear_attention(q, k, v, out=out), dev)
-                t_mm, _ = measure(lambda: (pk.transpose(-1, -2) @ v1, pk @ s), dev)
-                layer = LinFusionAttention(dim, heads).to(dev, dtype).eval()
-                x = torch.randn(2, n, dim, device=dev, dtype=dtype)
-                t_layer, _ = measure(lambda: layer(x), dev, repeats=2)
-            print(f"{name:5s} {px:5d}px N={n:8d}: core {t_core * 1e3:8.1f} ms, its matmuls {t_mm * 1e3:8.1f} ms "
-                  f"(core/matmuls x{t_core / t_mm:.2f}), layer {t_layer * 1e3:8.1f} ms (core share "
-                  f"{t_core / t_layer:.0%})", flush=True)
+            case(name, dim, heads, (px // div) ** 2, px, dev, dtype)
 
+
+def case(name: str, dim: int, heads: int, n: int, px: int, dev: torch.device, dtype: torch.dtype) -> None:
+    dh = dim // heads
+
+    def strided() -> torch.Tensor:  # a head view of a (B, N, dim) projection, as in the layer
+        return torch.randn(2, n, dim, device=dev, dtype=dtype).view(2, n, heads, dh).transpose(1, 2)
+
+    q, k, v = strided(), strided(), strided()
+    out = torch.empty(2, n, heads, dh, device=dev, dtype=dtype).transpose(1, 2)
+    pk = torch.randn(2, heads, n, dh, device=dev)
+    v1 = torch.randn(2, heads, n, dh + 1, device=dev)
+    s = torch.randn(2, heads, dh, dh + 1, device=dev)
+    layer = LinFusionAttention(dim, heads).to(dev, dtype).eval()
+    x = torch.randn(2, n, dim, device=dev, dtype=dtype)
+    with torch.no_grad():
+        t_core, _ = measure(lambda: linear_attention(q, k, v, out=out), dev)
+        t_mm, _ = measure(lambda: (pk.transpose(-1, -2) @ v1, pk @ s), dev)
+        t_layer, _ = measure(lambda: layer(x), dev, repeats=2)
+    print(f"{name:5s} {px:5d}px N={n:8d}: core {t_core * 1e3:8.1f} ms, its matmuls {t_mm * 1e3:8.1f} ms "
+          f"(core/matmuls x{t_core / t_mm:.2f}), layer {t_layer * 1e3:8.1f} ms (core share "
+          f"{t_core / t_layer:.0%})", flush=True)
 
 if __name__ == "__main__":
     main()
