@@ -6,10 +6,11 @@ from comfy_api.latest import ComfyExtension, io
 
 from . import weights_store
 from .apply import ApplyLinFusion
+from .highres import NODES as HIGHRES_NODES
 
 weights_store.register_folder()
 
-NODES: list[type[io.ComfyNode]] = [ApplyLinFusion]
+NODES: list[type[io.ComfyNode]] = [ApplyLinFusion, *HIGHRES_NODES]
 
 
 class LinFusionExtension(ComfyExtension):

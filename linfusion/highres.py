@@ -1,0 +1,256 @@
+"""High-resolution generation with LinFusion: the pieces of the reference pipelines, in pure PyTorch.
+
+Two reference procedures (LinFusion repository, examples/ and src/pipelines/):
+
+* Progressive SDEdit (SD1.5 notebook): base image, then stages that each double the size
+  (bicubic in pixel space, VAE encode) and run img2img with strength 0.4, 0.3, 0.2, 0.1 on a
+  50-step schedule (20/15/10/5 steps), same seed at every stage.
+* DemoFusion-style refinement (SDXL high-res pipeline): the same stages with strengths
+  linspace(0.32, 0, n+1)[k-1], and in every step of stage k
+      cf = 0.5 * (1 + cos(pi * (1000 - t) / 1000))
+      skip residual   x <- (1 - c1) x + c1 * noised(x0_upscaled, t),     c1 = cf ** cosine_scale_1
+      local branch    UNet + CFG on x
+      dilated branch  UNet + CFG with every Conv2d dilated by r = 2**k, on x blurred by a
+                      Gaussian (kernel 2r-1, sigma = gaussian_sigma * (0.99 * cf ** cosine_scale_3 + 0.01))
+                      and re-standardised to the per-channel mean/std of x
+      mix             (1 - c2) * local + c2 * dilated,                   c2 = cf ** cosine_scale_2
+  and at the end of each stage the latent is re-standardised to the base latent's
+  per-channel statistics.
+
+Timesteps and sigmas. The reference works with diffusers timesteps t in [0, 1000) and
+`add_noise(x0, n, t) = sqrt(abar_t) x0 + sqrt(1 - abar_t) n`. A k-diffusion host (ComfyUI)
+keeps the state as `x = x0 + sigma n` with sigma = sqrt((1 - abar_t) / abar_t): the same
+state divided by sqrt(abar_t), a factor the model input scaling undoes. The skip residual
+is a convex combination of two states at the same noise level, so it is the same in either
+space; `noised` below is the sigma-space form. The host maps sigma back to t with its own
+model sampling (ComfyUI: `model_sampling.timestep(sigma)`, the nearest training timestep)
+and passes t to `cosine_factor`.
+
+Nothing here imports ComfyUI; the glue lives in the pack's nodes/highres.py.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+NUM_TRAIN_TIMESTEPS = 1000
+LATENT_GRID = 8  # pixels per latent cell of the SD / SDXL VAE
+
+# Per-method reference defaults: (first-stage strength, refine on).
+SDEDIT_STRENGTH = 0.4  # SD1.5 notebook: 0.4, 0.3, 0.2, 0.1
+DEMOFUSION_STRENGTH = 0.32  # SDXL high-res pipeline: linspace(0.32, 0, n + 1)
+COSINE_SCALES = (3.0, 1.0, 1.0)  # skip residual, dilated-branch mix, blur sigma
+GAUSSIAN_SIGMA = 1.0  # the pipeline's default (its notebook uses 0.8)
+STRENGTH_SCHEDULES = ("linear", "constant")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One upscaling stage: the latent size it samples at and how much it denoises."""
+
+    index: int  # 1-based
+    height: int  # latent cells
+    width: int
+    strength: float  # fraction of the full schedule that is re-run (img2img strength)
+    steps: int  # sampling steps run at this stage: floor(full_steps * strength)
+    dilation: int  # conv dilation of the refinement's dilated branch
+
+    @property
+    def pixel_size(self) -> tuple[int, int]:
+        """(width, height) in pixels."""
+        return self.width * LATENT_GRID, self.height * LATENT_GRID
+
+
+def round_to_grid(pixels: float, grid: int = LATENT_GRID) -> int:
+    """The multiple of `grid` nearest to `pixels`, halves rounded up (at least one grid cell)."""
+    return max(grid, int(math.floor(pixels / grid + 0.5)) * grid)
+
+
+def stage_steps(full_steps: int, strength: float) -> int:
+    """Steps an img2img pass of `strength` runs out of a `full_steps` schedule, as diffusers'
+    get_timesteps counts them: int(full_steps * strength). The 1e-6 keeps a product that is
+    an integer in exact arithmetic (50 * 0.3) from rounding down through float error."""
+    return min(full_steps, max(0, int(math.floor(full_steps * strength + 1e-6))))
+
+
+def stage_strengths(n_stages: int, first: float, schedule: str = "linear") -> list[float]:
+    """Per-stage strengths. linear: linspace(first, 0, n+1)[:-1], the SDXL pipeline's rule
+    (0.32 -> 0.32, 0.24, 0.16, 0.08), which with first=0.4 also gives the SD1.5 notebook's
+    hand-picked 0.4, 0.3, 0.2, 0.1. constant: every stage uses `first`."""
+    if schedule not in STRENGTH_SCHEDULES:
+        raise ValueError(f"unknown strength schedule {schedule!r}: use one of {', '.join(STRENGTH_SCHEDULES)}")
+    if n_stages <= 0:
+        return []
+    if schedule == "constant":
+        return [float(first)] * n_stages
+    return [float(first) * (n_stages - k) / n_stages for k in range(n_stages)]
+
+
+def stage_count(base_hw: tuple[int, int], target_hw: tuple[int, int]) -> int:
+    """Stages of at most x2 each from base to target (at least one)."""
+    ratio = max(target_hw[0] / base_hw[0], target_hw[1] / base_hw[1])
+    if ratio <= 1.0:
+        return 1
+    return max(1, math.ceil(math.log2(ratio) - 1e-9))
+
+
+def dilation_ratio(stage_long: int, base_long: int) -> int:
+    """Dilation of the refinement's dilated branch: how many base-size images fit along the
+    stage's long side, rounded up (2**k for exact doublings, as in the reference)."""
+    return max(1, math.ceil(stage_long / base_long - 1e-6))
+
+
+def plan_stages(
+    base_hw: tuple[int, int],
+    target_hw: tuple[int, int],
+    full_steps: int,
+    first_strength: float,
+    schedule: str = "linear",
+    single_stage: bool = False,
+) -> list[Stage]:
+    """The stage plan from a base latent (h, w) to a target latent (h, w).
+
+    Progressive (default): every stage doubles each side, never passing the target; the
+    last stage lands exactly on the target. single_stage: one stage straight to the target
+    (the reference super-resolution pipeline), dilation ceil(target / base)."""
+    bh, bw = base_hw
+    th, tw = target_hw
+    if min(bh, bw, th, tw) <= 0:
+        raise ValueError(f"latent sizes must be positive: base {base_hw}, target {target_hw}")
+    n = 1 if single_stage else stage_count(base_hw, target_hw)
+    strengths = stage_strengths(n, first_strength, schedule)
+    base_long = max(bh, bw)
+    stages = []
+    for k in range(1, n + 1):
+        if k == n:
+            h, w = th, tw
+        else:
+            h, w = min(bh * 2**k, th), min(bw * 2**k, tw)
+        s = strengths[k - 1]
+        stages.append(Stage(k, h, w, s, stage_steps(full_steps, s), dilation_ratio(max(h, w), base_long)))
+    return stages
+
+
+def cosine_factor(t: float, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> float:
+    """DemoFusion's cosine factor: 1 at the noisiest timestep, 0 at t = 0."""
+    return 0.5 * (1.0 + math.cos(math.pi * (num_train_timesteps - float(t)) / num_train_timesteps))
+
+
+def cosine_weights(t: float, scales: tuple[float, float, float] = COSINE_SCALES) -> tuple[float, float, float]:
+    """(c1, c2, c3) at timestep t: skip-residual weight cf**s1, dilated-branch weight cf**s2,
+    and the blur's sigma multiplier 0.99 * cf**s3 + 0.01."""
+    cf = cosine_factor(t)
+    s1, s2, s3 = scales
+    return cf**s1, cf**s2, 0.99 * cf**s3 + 0.01
+
+
+def noised(x0: torch.Tensor, noise: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
+    """x0 at noise level sigma in k-diffusion form: x0 + sigma * noise (EPS / v models)."""
+    return x0 + noise * sigma
+
+
+def skip_residual(x: torch.Tensor, x0_noised: torch.Tensor, c1: float) -> torch.Tensor:
+    """(1 - c1) * x + c1 * x0_noised: pulls the state toward the noised upscaled latent."""
+    return x * (1.0 - c1) + x0_noised * c1
+
+
+def mix_branches(local: torch.Tensor, dilated: torch.Tensor, c2: float) -> torch.Tensor:
+    """(1 - c2) * local + c2 * dilated."""
+    return local * (1.0 - c2) + dilated * c2
+
+
+def gaussian_kernel(kernel_size: int, sigma: float, channels: int, dtype=torch.float32, device=None) -> torch.Tensor:
+    """Depthwise 2-D Gaussian kernel (channels, 1, k, k), normalised to sum 1."""
+    coords = torch.arange(kernel_size, dtype=torch.float64) - (kernel_size - 1) / 2
+    g = torch.exp(-(coords**2) / (2 * float(sigma) ** 2))
+    g = g / g.sum()
+    k2 = (g[:, None] * g[None, :]).to(dtype=dtype, device=device)
+    return k2.expand(channels, 1, kernel_size, kernel_size).contiguous()
+
+
+def gaussian_blur(x: torch.Tensor, kernel_size: int, sigma: float) -> torch.Tensor:
+    """Per-channel Gaussian blur of x (B, C, H, W), zero padding, same size (odd kernel)."""
+    if kernel_size <= 1:
+        return x
+    kernel = gaussian_kernel(kernel_size, sigma, x.shape[1], dtype=x.dtype, device=x.device)
+    return F.conv2d(x, kernel, padding=kernel_size // 2, groups=x.shape[1])
+
+
+def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample, per-channel (mean, std) of x (B, C, H, W), each (B, C, 1, 1); std unbiased."""
+    return x.mean(dim=(2, 3), keepdim=True), x.std(dim=(2, 3), keepdim=True)
+
+
+def restandardize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """x with its per-channel statistics replaced by (mean, std)."""
+    m, s = channel_stats(x)
+    return (x - m) / s * std + mean
+
+
+def blurred_input(x: torch.Tensor, dilation: int, sigma: float) -> torch.Tensor:
+    """The dilated branch's input: x blurred (kernel 2r-1) and re-standardised to x's own
+    per-channel mean and std."""
+    mean, std = channel_stats(x)
+    return restandardize(gaussian_blur(x, 2 * dilation - 1, sigma), mean, std)
+
+
+def conv2d_layers(module: nn.Module) -> list[nn.Conv2d]:
+    """Every Conv2d (subclasses included) under `module`."""
+    return [m for m in module.modules() if isinstance(m, nn.Conv2d)]
+
+
+@contextmanager
+def dilated_convs(convs: Iterable[nn.Conv2d], ratio: int) -> Iterator[None]:
+    """Multiply dilation and padding of every conv by `ratio` for the duration of the block.
+    Output sizes are unchanged (padding grows with dilation). Always restores the exact
+    previous values, also when the block raises (interrupt, out of memory)."""
+    saved = [(c, c.dilation, c.padding) for c in convs]
+    try:
+        if ratio != 1:
+            for c, dil, pad in saved:
+                c.dilation = tuple(d * ratio for d in dil)
+                if not isinstance(pad, str):  # 'same' / 'valid' adapt to the dilation by themselves
+                    c.padding = tuple(p * ratio for p in pad)
+        yield
+    finally:
+        for c, dil, pad in saved:
+            c.dilation, c.padding = dil, pad
+
+
+def _chunked(forward, chunks: int):
+    def run(x: torch.Tensor, *args, **kwargs):
+        if x.ndim != 3 or x.shape[1] < 2 * chunks:
+            return forward(x, *args, **kwargs)
+        return torch.cat([forward(part, *args, **kwargs) for part in x.chunk(chunks, dim=1)], dim=1)
+
+    return run
+
+
+@contextmanager
+def chunked_token_forward(modules: Iterable[nn.Module], chunks: int) -> Iterator[None]:
+    """Run each module's forward on `chunks` slices of its token axis (dim 1 of a (B, N, C)
+    input) and concatenate: a feed-forward layer's wide hidden activation then exists for
+    N / chunks tokens at a time. Exact for token-wise layers. The modules themselves are not
+    replaced (their names, parameters and weight patches stay), only an instance-level
+    forward is set, and removed on exit whatever happens."""
+    mods = list(modules)
+    saved = []
+    try:
+        if chunks > 1:
+            for m in mods:
+                saved.append((m, m.__dict__.get("forward")))
+                m.forward = _chunked(m.forward, chunks)
+        yield
+    finally:
+        for m, own in reversed(saved):
+            if own is None:
+                m.__dict__.pop("forward", None)
+            else:
+                m.forward = own

@@ -1,0 +1,603 @@
+"""High-resolution sampling with LinFusion: progressive SDEdit / DemoFusion-style refinement
+(LinFusion High-Res Sampler, simple and advanced) and super-resolution of an IMAGE.
+
+Integration with ComfyUI sampling: every stage runs through `comfy.sample.sample_custom`
+with the stage's sigmas (the tail of the full schedule of the chosen scheduler, as img2img
+strength defines it), so every ComfyUI sampler and scheduler works. The refinement wraps
+the chosen sampler (a `comfy.samplers.KSAMPLER` whose sampler function is the original
+one, given a model proxy). The proxy sees the sampler's state x and the sigma of every
+model evaluation and does, in sigma space:
+
+    t  = model_sampling.timestep(sigma)           (nearest training timestep, 0..999)
+    x <- (1 - c1) x + c1 * noise_scaling(sigma, noise, x0_upscaled)   in place, so the
+         sampler steps from the blended state exactly as the reference steps from it
+    D_local   = model(x)                         (CFG, ControlNets, hooks: ComfyUI's own path)
+    D_dilated = model(blur(x)) with every UNet Conv2d dilated, taken back to x:
+                + calculate_denoised(sigma, 0, x - blur(x))  (the reference steps the
+                dilated branch's noise prediction from x, not from the blurred input)
+    return (1 - c2) D_local + c2 D_dilated
+
+A k-diffusion step is affine in the denoised prediction for a given state, so mixing the
+predictions equals mixing the two branches' step results as the reference does. Samplers
+that evaluate the model once per step (euler, euler_ancestral, dpmpp_2m, the SDE samplers,
+lcm, ...) reproduce the reference step; samplers with intermediate evaluations (heun,
+dpm_2, dpmpp_2s_ancestral, dpmpp_sde) get the same treatment at every evaluation.
+
+Nothing is left on the model: dilation and the low-memory feed-forward chunking are
+contexts around the sampling call that restore every module, also on interrupt or error;
+the low-memory cond/uncond split lives in a clone's model_options.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import comfy.model_management
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+import latent_preview
+import torch
+from comfy_api.latest import io
+
+from ..linfusion import highres as hr
+
+log = logging.getLogger("ComfyUI-LinFusion")
+
+METHODS = ("auto", "sdedit", "demofusion")
+UPSCALE_METHODS = ("pixel", "latent")
+ANCHOR_CHOICES = ("auto", "on", "off")
+FF_CHUNKS = 16  # the reference's low-memory feed-forward chunking
+DEFAULT_VAE_TILE = 2048  # the SD1.5 notebook tiles the VAE from 4K on, with 2048 px tiles
+SIMPLE_LOW_MEMORY_ABOVE = 4096  # px, long side: the simple node turns low-memory mode on above this
+VAE_TILE_OVERLAP = 64  # px
+
+
+# -- settings ----------------------------------------------------------------------------------
+@dataclass
+class HighResSettings:
+    seed: int
+    steps: int
+    cfg: float
+    sampler_name: str
+    scheduler: str
+    method: str = "auto"  # auto | sdedit | demofusion
+    upscale_strength: float = 0.0  # 0: the method's reference value
+    strength_schedule: str = "linear"
+    upscale_method: str = "pixel"
+    cosine_scales: tuple[float, float, float] = hr.COSINE_SCALES
+    gaussian_sigma: float = hr.GAUSSIAN_SIGMA
+    anchor: str = "auto"  # auto | on | off
+    low_memory: bool = False
+    vae_tile_size: int = DEFAULT_VAE_TILE
+
+
+@dataclass
+class Resolved:
+    """Settings with every 'auto' decided for the model at hand."""
+
+    refine: bool
+    strength: float
+    anchor: bool
+    style: str  # what the log says about the choice
+
+
+@dataclass
+class HighResReport:
+    """What a run did: its stages and the wall time of each (seconds), for logs and benches."""
+
+    stages: list[hr.Stage]
+    seconds: list[float] = field(default_factory=list)
+    shapes: list[tuple[int, ...]] = field(default_factory=list)  # latent shape each stage produced
+    progress_total: int = 0
+
+
+def is_sdxl_like(model) -> bool:
+    """SDXL and its relatives (same latent space): the reference's SDXL defaults apply."""
+    fmt = model.get_model_object("latent_format")
+    return type(fmt).__name__.startswith("SDXL")
+
+
+def resolve(model, s: HighResSettings) -> Resolved:
+    if s.method not in METHODS:
+        raise ValueError(f"LinFusion high-res: unknown method {s.method!r}; use one of {', '.join(METHODS)}")
+    if s.upscale_method not in UPSCALE_METHODS:
+        raise ValueError(f"LinFusion high-res: unknown upscale method {s.upscale_method!r}; "
+                         f"use one of {', '.join(UPSCALE_METHODS)}")
+    sdxl = is_sdxl_like(model)
+    method = s.method if s.method != "auto" else ("demofusion" if sdxl else "sdedit")
+    refine = method == "demofusion"
+    strength = s.upscale_strength or (hr.DEMOFUSION_STRENGTH if refine else hr.SDEDIT_STRENGTH)
+    anchor = refine if s.anchor == "auto" else s.anchor == "on"
+    style = method
+    if s.method == "auto":
+        style += " (auto: SDXL-like model)" if sdxl else " (auto: SD1.x/2.x-like model)"
+    return Resolved(refine, float(strength), anchor, style)
+
+
+def target_latent_size(base_px: tuple[int, int], scale_by: float, width: int, height: int) -> tuple[int, int]:
+    """Target (width, height) in pixels, multiples of 8. width/height 0: from scale_by (or
+    from the other side, keeping the aspect ratio). Rounding is logged."""
+    bw, bh = base_px
+    if width <= 0 and height <= 0:
+        want = (bw * scale_by, bh * scale_by)
+    elif width > 0 and height > 0:
+        want = (width, height)
+    elif width > 0:
+        want = (width, bh * width / bw)
+    else:
+        want = (bw * height / bh, height)
+    w, h = hr.round_to_grid(want[0]), hr.round_to_grid(want[1])
+    if (w, h) != tuple(want):
+        log.info("LinFusion high-res: target %sx%s px is not a multiple of %d px (the latent grid); using %dx%d",
+                 _fmt(want[0]), _fmt(want[1]), hr.LATENT_GRID, w, h)
+    return w, h
+
+
+def _fmt(v: float) -> str:
+    return str(int(v)) if float(v).is_integer() else f"{v:.1f}"
+
+
+# -- ComfyUI pieces ----------------------------------------------------------------------------
+def full_sigmas(model, steps: int, sampler_name: str, scheduler: str) -> torch.Tensor:
+    """The full schedule as ComfyUI's KSampler builds it (DISCARD_PENULTIMATE samplers included)."""
+    ks = comfy.samplers.KSampler(model, steps=steps, device="cpu", sampler=sampler_name, scheduler=scheduler,
+                                 denoise=1.0, model_options=model.model_options)
+    return ks.sigmas.float().cpu()
+
+
+def one_cond_at_a_time(previous=None):
+    """sampler_calc_cond_batch_function that evaluates each cond (positive, negative) alone,
+    so the UNet never sees the doubled CFG batch."""
+
+    def calc(args):
+        out = []
+        for c in args["conds"]:
+            if previous is not None:
+                out.append(previous({**args, "conds": [c]})[0])
+            else:
+                out.append(comfy.samplers.calc_cond_batch(args["model"], [c], args["input"], args["sigma"],
+                                                          args["model_options"])[0])
+        return out
+
+    return calc
+
+
+def feed_forward_layers(unet: torch.nn.Module) -> list[torch.nn.Module]:
+    """The transformer blocks' feed-forward modules (`...transformer_blocks.N.ff`)."""
+    return [m for n, m in unet.named_modules() if n.endswith(".ff") and hasattr(m, "net")]
+
+
+class _RefineModel:
+    """Stands in for the sampler's model (KSamplerX0Inpaint): DemoFusion's step around it."""
+
+    def __init__(self, inner, unet, model_sampling, noise, x0, dilation: int, scales, gaussian_sigma: float):
+        self.inner = inner
+        self.convs = hr.conv2d_layers(unet)
+        self.ms = model_sampling
+        self.noise, self.x0 = noise, x0
+        self.dilation, self.scales, self.gaussian_sigma = dilation, scales, gaussian_sigma
+
+    def __getattr__(self, name):  # samplers read inner_model, sigmas, noise, ... from their model
+        return getattr(self.inner, name)
+
+    def __call__(self, x, sigma, **kwargs):
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        t = float(self.ms.timestep(sigma).flatten()[0])
+        c1, c2, c3 = hr.cosine_weights(t, self.scales)
+        if c1 > 0:
+            target = self.ms.noise_scaling(sigma, self.noise, self.x0)
+            x.copy_(hr.skip_residual(x, target, c1))  # the sampler's own state, as the reference's
+        local = self.inner(x, sigma, **kwargs)
+        if c2 <= 0 or self.dilation <= 1:
+            return local
+        blurred = hr.blurred_input(x, self.dilation, self.gaussian_sigma * c3)
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        with hr.dilated_convs(self.convs, self.dilation):
+            dilated = self.inner(blurred, sigma, **kwargs)
+        dilated = dilated + self.ms.calculate_denoised(sigma, torch.zeros_like(x), x - blurred)
+        return hr.mix_branches(local, dilated, c2)
+
+
+class HighResStageSampler(comfy.samplers.Sampler):
+    """A ComfyUI SAMPLER that runs `inner` (a KSAMPLER) with DemoFusion's refinement and/or
+    the low-memory feed-forward chunking, for one stage."""
+
+    def __init__(self, inner: comfy.samplers.KSAMPLER, refine: bool, dilation: int = 1,
+                 scales=hr.COSINE_SCALES, gaussian_sigma: float = hr.GAUSSIAN_SIGMA, ff_chunks: int = 1):
+        self.inner = inner
+        self.refine, self.dilation = refine, dilation
+        self.scales, self.gaussian_sigma = tuple(scales), gaussian_sigma
+        self.ff_chunks = ff_chunks
+
+    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
+               disable_pbar=False):
+        base = model_wrap.inner_model  # the loaded BaseModel (object patches applied)
+        unet = base.diffusion_model
+        inner_fn = self.inner.sampler_function
+        if self.refine:
+            x0 = latent_image if latent_image is not None else torch.zeros_like(noise)
+
+            def sampler_function(model, x, sigmas_, *args, **kwargs):
+                proxy = _RefineModel(model, unet, base.model_sampling, noise, x0, self.dilation, self.scales,
+                                     self.gaussian_sigma)
+                return inner_fn(proxy, x, sigmas_, *args, **kwargs)
+        else:
+            sampler_function = inner_fn
+        ks = comfy.samplers.KSAMPLER(sampler_function, self.inner.extra_options, self.inner.inpaint_options)
+        ffs = feed_forward_layers(unet) if self.ff_chunks > 1 else []
+        with hr.chunked_token_forward(ffs, self.ff_chunks):
+            return ks.sample(model_wrap, sigmas, extra_args, callback, noise, latent_image, denoise_mask, disable_pbar)
+
+
+@contextmanager
+def inner_progress_muted():
+    """ComfyUI's tiled VAE functions open progress bars of their own; between stages they would
+    make the node's bar jump. While this is active, new progress bars only check for an
+    interrupt (as the server's hook does) and report nothing."""
+    previous = comfy.utils.PROGRESS_BAR_HOOK
+
+    def check_only(*_args, **_kwargs):
+        comfy.model_management.throw_exception_if_processing_interrupted()
+
+    comfy.utils.set_progress_bar_global_hook(check_only if previous is not None else None)
+    try:
+        yield
+    finally:
+        comfy.utils.set_progress_bar_global_hook(previous)
+
+
+def vae_decode(vae, latent: torch.Tensor, tile: int) -> torch.Tensor:
+    """Latent (B, C, h, w) -> IMAGE (B, H, W, 3); tiled when the long side exceeds `tile` px."""
+    long_px = max(latent.shape[-2:]) * hr.LATENT_GRID
+    with inner_progress_muted():
+        if tile > 0 and long_px > tile:
+            comp = vae.spacial_compression_decode()
+            overlap = min(VAE_TILE_OVERLAP, tile // 4)
+            return vae.decode_tiled(latent, tile_x=tile // comp, tile_y=tile // comp, overlap=overlap // comp)
+        return vae.decode(latent)
+
+
+def vae_encode(vae, image: torch.Tensor, tile: int) -> torch.Tensor:
+    """IMAGE (B, H, W, C) -> latent; tiled when the long side exceeds `tile` px."""
+    image = image[..., :3]
+    with inner_progress_muted():
+        if tile > 0 and max(image.shape[1:3]) > tile:
+            return vae.encode_tiled(image, tile_x=tile, tile_y=tile, overlap=min(VAE_TILE_OVERLAP, tile // 4))
+        return vae.encode(image)
+
+
+def resize_image(image: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """Bicubic resize of an IMAGE (B, H, W, C), clamped to [0, 1] (bicubic overshoots)."""
+    out = comfy.utils.common_upscale(image.movedim(-1, 1), width, height, "bicubic", "disabled")
+    return out.movedim(1, -1).clamp(0.0, 1.0)
+
+
+def resize_latent(latent: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    return comfy.utils.common_upscale(latent, width, height, "bicubic", "disabled")
+
+
+# -- the stage loop ----------------------------------------------------------------------------
+def run_stages(model, positive, negative, latent: dict | None, vae, target_px: tuple[int, int],
+               s: HighResSettings, image: torch.Tensor | None = None, single_stage: bool = False,
+               ) -> tuple[dict, HighResReport]:
+    """Upscale `latent` (or, for super-resolution, `image`) to `target_px` (w, h) in stages.
+    Returns the final LATENT dict and a report."""
+    res = resolve(model, s)
+    if s.upscale_method == "pixel" or image is not None:
+        if vae is None:
+            raise ValueError("LinFusion high-res: upscale_method 'pixel' needs a VAE; connect one, or choose "
+                             "'latent' to upscale latents directly.")
+    if image is not None and (s.upscale_method == "latent" or not single_stage):
+        latent = {"samples": vae_encode(vae, _grid_image(image), s.vae_tile_size)}
+    if latent is not None:
+        base = latent["samples"]
+        base = comfy.sample.fix_empty_latent_channels(model, base)
+        base_hw = tuple(base.shape[-2:])
+    else:  # super-resolution in one stage from pixels: the input's size on the latent grid
+        base = None
+        base_hw = tuple(hr.round_to_grid(v) // hr.LATENT_GRID for v in image.shape[1:3])
+    tw, th = target_px
+    stages = hr.plan_stages(base_hw, (th // hr.LATENT_GRID, tw // hr.LATENT_GRID), s.steps, res.strength,
+                            s.strength_schedule, single_stage)
+    sigmas_full = full_sigmas(model, s.steps, s.sampler_name, s.scheduler)
+    stage_sigmas = [sigmas_full[-(st.steps + 1):] if st.steps > 0 else sigmas_full[:0] for st in stages]
+    total = sum(len(sg) - 1 for sg in stage_sigmas if len(sg) > 1)
+    report = HighResReport(stages, progress_total=total)
+    log.info("LinFusion high-res: %s, %d stage(s) %s -> %s px; strengths %s; steps %s of %d; dilation %s; %s upscale%s",
+             res.style, len(stages), f"{base_hw[1] * hr.LATENT_GRID}x{base_hw[0] * hr.LATENT_GRID}",
+             " -> ".join("x".join(map(str, st.pixel_size)) for st in stages),
+             ", ".join(f"{st.strength:.3g}" for st in stages), ", ".join(str(st.steps) for st in stages), s.steps,
+             ", ".join(str(st.dilation) for st in stages) if res.refine else "off", s.upscale_method,
+             "; low memory" if s.low_memory else "")
+
+    sampling_model = model
+    if s.low_memory:
+        sampling_model = model.clone()
+        previous = sampling_model.model_options.get("sampler_calc_cond_batch_function")
+        sampling_model.set_model_sampler_calc_cond_batch_function(one_cond_at_a_time(previous))
+
+    previewer = latent_preview.get_previewer(model.load_device, model.get_model_object("latent_format"))
+    pbar = comfy.utils.ProgressBar(total)
+    disable_pbar = not comfy.utils.PROGRESS_BAR_ENABLED
+    batch_inds = latent.get("batch_index") if latent is not None else None
+    anchor = hr.channel_stats(base.float()) if (res.anchor and base is not None and not single_stage) else None
+    current_latent, current_image = base, (image if base is None else None)
+    done = 0
+    for st, sigmas in zip(stages, stage_sigmas):
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        t0 = time.perf_counter()
+        w_px, h_px = st.pixel_size
+        if s.upscale_method == "latent" and current_latent is not None:
+            init = resize_latent(current_latent, st.height, st.width)
+        else:
+            pixels = current_image if current_image is not None else vae_decode(vae, current_latent, s.vae_tile_size)
+            current_latent = current_image = None
+            init = vae_encode(vae, resize_image(pixels, w_px, h_px), s.vae_tile_size)
+            del pixels
+        init = init.to(comfy.model_management.intermediate_device())
+        if anchor is None and res.anchor:
+            anchor = hr.channel_stats(init.float())  # super-resolution: the upscaled input's statistics
+        if st.steps == 0:
+            log.info("LinFusion high-res: stage %d (%dx%d px) has 0 steps at strength %.3g: upscaled only",
+                     st.index, w_px, h_px, st.strength)
+            current_latent = init
+            report.shapes.append(tuple(init.shape))
+            report.seconds.append(time.perf_counter() - t0)
+            continue
+        noise = comfy.sample.prepare_noise(init, s.seed, batch_inds)
+        sampler = comfy.samplers.sampler_object(s.sampler_name)
+        if res.refine or s.low_memory:
+            sampler = HighResStageSampler(sampler, res.refine, st.dilation, s.cosine_scales, s.gaussian_sigma,
+                                          FF_CHUNKS if s.low_memory else 1)
+        offset, n = done, len(sigmas) - 1
+
+        def callback(step, x0, _x, _total, offset=offset, n=n):
+            preview = previewer.decode_latent_to_preview_image("JPEG", x0) if previewer else None
+            # adaptive samplers may report more steps than planned: stay inside this stage's share
+            pbar.update_absolute(offset + min(step + 1, n), total, preview)
+
+        samples = comfy.sample.sample_custom(sampling_model, noise, s.cfg, sampler, sigmas, positive, negative, init,
+                                             callback=callback, disable_pbar=disable_pbar, seed=s.seed)
+        del noise, init
+        if res.anchor and anchor is not None:
+            samples = hr.restandardize(samples, *anchor)
+        done = offset + n
+        pbar.update_absolute(done, total)  # the stage is complete whatever the sampler reported
+        current_latent = samples
+        report.shapes.append(tuple(samples.shape))
+        report.seconds.append(time.perf_counter() - t0)
+        log.info("LinFusion high-res: stage %d/%d %dx%d px, %d steps, %.1f s", st.index, len(stages), w_px, h_px,
+                 n, report.seconds[-1])
+        comfy.model_management.soft_empty_cache()
+    if current_latent is None:  # only possible with an image and nothing run
+        current_latent = vae_encode(vae, current_image, s.vae_tile_size)
+    out = dict(latent) if latent is not None else {}
+    out.pop("noise_mask", None)  # sized for the base latent
+    out["samples"] = current_latent
+    return out, report
+
+
+def _grid_image(image: torch.Tensor) -> torch.Tensor:
+    """An IMAGE resized to the nearest multiple of the latent grid (logged when it changes)."""
+    h, w = image.shape[1:3]
+    gw, gh = hr.round_to_grid(w), hr.round_to_grid(h)
+    if (gw, gh) == (w, h):
+        return image
+    log.info("LinFusion super-resolution: input %dx%d px resized to %dx%d (a multiple of %d px)", w, h, gw, gh,
+             hr.LATENT_GRID)
+    return resize_image(image, gw, gh)
+
+
+# -- nodes -------------------------------------------------------------------------------------
+CATEGORY = "sampling/LinFusion"
+TIP_STEPS = ("Steps of the FULL schedule. Each stage re-runs its tail: floor(steps x stage strength) steps "
+             "(reference: 50 -> 20/15/10/5 for SD1.x, 16/12/8/4 for SDXL over four stages).")
+TIP_METHOD = (
+    "auto: 'demofusion' for SDXL-like models, 'sdedit' for SD1.x/SD2.x (the LinFusion reference's choices). "
+    "sdedit: each stage is plain img2img of the upscaled image (SD1.5 notebook). demofusion: each step also "
+    "pulls the state toward the noised upscaled image (skip residual, cosine_scale_1) and mixes in a "
+    "global-structure branch run with dilated convolutions on a blurred latent (cosine_scale_2, "
+    "cosine_scale_3, gaussian_sigma): two UNet evaluations per step."
+)
+TIP_STRENGTH = ("Denoising strength of the first upscaling stage. 0 = the reference value for the method: "
+                "0.4 for sdedit (SD1.5 notebook: 0.4, 0.3, 0.2, 0.1), 0.32 for demofusion (SDXL: 0.32, 0.24, "
+                "0.16, 0.08). Higher changes the image more.")
+TIP_SCHEDULE = ("linear: stage k of n uses strength x (n-k+1)/n (the reference rule, strengths fall to 0 at the "
+                "target). constant: every stage uses the same strength.")
+TIP_UPSCALE = ("pixel: decode, bicubic x2, encode between stages (the reference; VAE tiled above vae_tile_size). "
+               "latent: bicubic on the latent, no VAE round trip (faster, softer).")
+TIP_LOW_MEM = ("Lower peak memory for very large images (the reference's 16K-in-24GB settings): positive and "
+               "negative are evaluated one after the other instead of as one doubled batch, and the "
+               f"feed-forward layers run on {FF_CHUNKS} chunks of tokens. Same result, somewhat slower.")
+TIP_TILE = ("Images whose long side exceeds this many pixels are VAE-decoded/encoded in tiles of this size "
+            "between stages (the SD1.5 notebook tiles from 4K on with 2048 px tiles). 0 = never tile.")
+
+
+def _sampling_inputs() -> list:
+    return [
+        io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                     tooltip="Noise seed; every stage uses the same seed (as the reference)."),
+        io.Int.Input("steps", default=50, min=1, max=10000, tooltip=TIP_STEPS),
+        io.Float.Input("cfg", default=7.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                       tooltip="Classifier-free guidance scale (reference: 7.5 for SD1.5, 5 for SDXL; lower it if "
+                               "large SDXL images look over-saturated)."),
+        io.Combo.Input("sampler_name", options=comfy.samplers.SAMPLER_NAMES, default="euler",
+                       tooltip="Any ComfyUI sampler."),
+        io.Combo.Input("scheduler", options=comfy.samplers.SCHEDULER_NAMES, default="normal",
+                       tooltip="Any ComfyUI scheduler; stages run the tail of its full schedule."),
+    ]
+
+
+def _target_inputs(default_scale: float) -> list:
+    return [
+        io.Float.Input("scale_by", default=default_scale, min=1.0, max=64.0, step=0.25,
+                       tooltip="Target size as a multiple of the input size (used when width and height are 0). "
+                               "Stages double the size until the target; the last lands on it exactly."),
+        io.Int.Input("width", default=0, min=0, max=65536, step=8,
+                     tooltip="Target width in pixels; 0 = from scale_by (or from height, keeping the aspect). "
+                             "Rounded to a multiple of 8 (logged)."),
+        io.Int.Input("height", default=0, min=0, max=65536, step=8,
+                     tooltip="Target height in pixels; 0 = from scale_by (or from width, keeping the aspect). "
+                             "Rounded to a multiple of 8 (logged)."),
+    ]
+
+
+def _refine_inputs() -> list:
+    s1, s2, s3 = hr.COSINE_SCALES
+    return [
+        io.Combo.Input("method", options=list(METHODS), default="auto", tooltip=TIP_METHOD),
+        io.Float.Input("upscale_strength", default=0.0, min=0.0, max=1.0, step=0.01, tooltip=TIP_STRENGTH),
+        io.Combo.Input("strength_schedule", options=list(hr.STRENGTH_SCHEDULES), default="linear",
+                       tooltip=TIP_SCHEDULE),
+        io.Combo.Input("upscale_method", options=list(UPSCALE_METHODS), default="pixel", tooltip=TIP_UPSCALE),
+        io.Float.Input("cosine_scale_1", default=s1, min=0.0, max=100.0, step=0.1,
+                       tooltip="demofusion: skip-residual weight cf^scale (cf falls from 1 to 0 along the "
+                               "schedule). Higher = weaker pull toward the upscaled image. Reference 3."),
+        io.Float.Input("cosine_scale_2", default=s2, min=0.0, max=100.0, step=0.1,
+                       tooltip="demofusion: weight cf^scale of the dilated (global structure) branch. Higher = "
+                               "weaker. Reference 1."),
+        io.Float.Input("cosine_scale_3", default=s3, min=0.0, max=100.0, step=0.1,
+                       tooltip="demofusion: blur of the dilated branch's input, sigma x (0.99 cf^scale + 0.01). "
+                               "Reference 1."),
+        io.Float.Input("gaussian_sigma", default=hr.GAUSSIAN_SIGMA, min=0.01, max=10.0, step=0.01,
+                       tooltip="demofusion: base sigma of that blur (kernel 2r-1 for dilation r). Reference 1.0 "
+                               "(its SDXL notebook uses 0.8)."),
+        io.Combo.Input("anchor_stats", options=list(ANCHOR_CHOICES), default="auto",
+                       tooltip="Re-standardise each stage's result to the per-channel mean/std of the base latent "
+                               "(keeps colours from drifting). auto: on for demofusion, off for sdedit (as the "
+                               "reference)."),
+        io.Boolean.Input("low_memory", default=False, tooltip=TIP_LOW_MEM),
+        io.Int.Input("vae_tile_size", default=DEFAULT_VAE_TILE, min=0, max=16384, step=64, tooltip=TIP_TILE),
+    ]
+
+
+def _conditioning_inputs() -> list:
+    return [
+        io.Model.Input("model", tooltip="The model, ideally with Apply LinFusion (linear attention makes large "
+                                        "sizes affordable)."),
+        io.Conditioning.Input("positive"),
+        io.Conditioning.Input("negative"),
+    ]
+
+
+def _settings(seed, steps, cfg, sampler_name, scheduler, **kw) -> HighResSettings:
+    scales = (kw.pop("cosine_scale_1", hr.COSINE_SCALES[0]), kw.pop("cosine_scale_2", hr.COSINE_SCALES[1]),
+              kw.pop("cosine_scale_3", hr.COSINE_SCALES[2]))
+    anchor = kw.pop("anchor_stats", "auto")
+    return HighResSettings(seed, steps, cfg, sampler_name, scheduler, cosine_scales=scales, anchor=anchor, **kw)
+
+
+def _latent_px(latent: dict) -> tuple[int, int]:
+    h, w = latent["samples"].shape[-2:]
+    return w * hr.LATENT_GRID, h * hr.LATENT_GRID
+
+
+class LinFusionHighResSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LinFusionHighResSampler",
+            display_name="LinFusion High-Res Sampler",
+            category=CATEGORY,
+            description=(
+                "Upscales a generated latent to a high resolution in x2 stages, re-denoising each stage with the "
+                "model (LinFusion reference pipelines). Defaults follow the model: SD1.x/2.x get progressive "
+                "SDEdit (strengths 0.4, 0.3, 0.2, 0.1 from a 512 px base), SDXL gets DemoFusion-style refinement "
+                "(0.32, 0.24, 0.16, 0.08 from a 1024 px base). Low-memory mode switches on above "
+                f"{SIMPLE_LOW_MEMORY_ABOVE} px. The advanced node exposes every setting."
+            ),
+            inputs=[
+                *_conditioning_inputs(),
+                io.Latent.Input("latent_image", tooltip="The base image's latent (e.g. from a KSampler)."),
+                io.Vae.Input("vae", tooltip="Decodes and re-encodes between stages (pixel-space upscaling)."),
+                io.Float.Input("scale_by", default=4.0, min=1.0, max=64.0, step=0.25,
+                               tooltip="Final size as a multiple of the base (4 = two x2 stages)."),
+                *_sampling_inputs(),
+            ],
+            outputs=[io.Latent.Output(tooltip="The final high-resolution latent.")],
+        )
+
+    @classmethod
+    def execute(cls, model, positive, negative, latent_image, vae, scale_by, seed, steps, cfg, sampler_name,
+                scheduler) -> io.NodeOutput:
+        target = target_latent_size(_latent_px(latent_image), scale_by, 0, 0)
+        s = _settings(seed, steps, cfg, sampler_name, scheduler,
+                      low_memory=max(target) > SIMPLE_LOW_MEMORY_ABOVE)
+        out, _ = run_stages(model, positive, negative, latent_image, vae, target, s)
+        return io.NodeOutput(out)
+
+
+class LinFusionHighResSamplerAdvanced(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LinFusionHighResSamplerAdvanced",
+            display_name="LinFusion High-Res Sampler (advanced)",
+            category=CATEGORY,
+            description=(
+                "High-resolution generation from a base latent in x2 stages: progressive SDEdit or DemoFusion-style "
+                "refinement (skip residual, dilated global branch, statistics anchoring), as in the LinFusion "
+                "reference. One progress bar over all stages with previews; works with every sampler and "
+                "scheduler; the model is left as it came."
+            ),
+            inputs=[
+                *_conditioning_inputs(),
+                io.Latent.Input("latent_image", tooltip="The base image's latent (e.g. from a KSampler)."),
+                io.Vae.Input("vae", optional=True, tooltip="Needed for upscale_method 'pixel'."),
+                *_target_inputs(4.0),
+                *_sampling_inputs(),
+                *_refine_inputs(),
+            ],
+            outputs=[io.Latent.Output(tooltip="The final high-resolution latent.")],
+        )
+
+    @classmethod
+    def execute(cls, model, positive, negative, latent_image, scale_by, width, height, seed, steps, cfg,
+                sampler_name, scheduler, vae=None, **kw) -> io.NodeOutput:
+        target = target_latent_size(_latent_px(latent_image), scale_by, width, height)
+        out, _ = run_stages(model, positive, negative, latent_image, vae, target,
+                            _settings(seed, steps, cfg, sampler_name, scheduler, **kw))
+        return io.NodeOutput(out)
+
+
+class LinFusionSuperResolution(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LinFusionSuperResolution",
+            display_name="LinFusion Super-Resolution",
+            category=CATEGORY,
+            description=(
+                "Upscales an existing image with the model: 'single' goes straight to the target in one stage "
+                "(the reference super-resolution pipeline: bicubic to the target, encode, refine with dilation "
+                "ceil(target/input)); 'progressive' runs x2 stages like the high-res sampler."
+            ),
+            inputs=[
+                *_conditioning_inputs(),
+                io.Image.Input("image", tooltip="Any size; rounded to a multiple of 8 px if needed (logged)."),
+                io.Vae.Input("vae"),
+                *_target_inputs(2.0),
+                io.Combo.Input("stages", options=["single", "progressive"], default="single",
+                               tooltip="single: one stage to the target (reference). progressive: x2 stages."),
+                *_sampling_inputs(),
+                *_refine_inputs(),
+            ],
+            outputs=[io.Image.Output(display_name="IMAGE"), io.Latent.Output(display_name="LATENT")],
+        )
+
+    @classmethod
+    def execute(cls, model, positive, negative, image, vae, scale_by, width, height, stages, seed, steps, cfg,
+                sampler_name, scheduler, **kw) -> io.NodeOutput:
+        h, w = image.shape[1:3]
+        target = target_latent_size((w, h), scale_by, width, height)
+        s = _settings(seed, steps, cfg, sampler_name, scheduler, **kw)
+        out, _ = run_stages(model, positive, negative, None, vae, target, s, image=image,
+                            single_stage=stages == "single")
+        return io.NodeOutput(vae_decode(vae, out["samples"], s.vae_tile_size), out)
+
+
+NODES = [LinFusionHighResSampler, LinFusionHighResSamplerAdvanced, LinFusionSuperResolution]

@@ -1,0 +1,480 @@
+"""High-resolution sampling (issue 4): the reference's stage plan and step math in
+linfusion/highres.py, and the nodes in nodes/highres.py on small models with the real
+layouts, through ComfyUI's own sampling. Node code runs under torch.inference_mode(), as
+ComfyUI's executor runs it."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import comfy.cli_args
+import comfy.model_management
+import comfy.sd
+import comfy.utils
+import helpers
+import pytest
+import torch
+from comfy.ldm.models.autoencoder import AutoencoderKL
+
+KIND = "sd15"
+
+
+# -- helpers ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """These tiny models run faster on one thread, and far faster when other jobs share the cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def H(pack):
+    return pack.nodes.highres
+
+
+@pytest.fixture(scope="module")
+def hrm(lf):
+    return lf.highres
+
+
+@pytest.fixture(scope="module")
+def model():
+    return helpers.small_model(KIND)
+
+
+def base_latent(batch=1, hw=(4, 4), seed=3) -> torch.Tensor:
+    """A raw (unscaled) SD latent with the usual spread of real ones (std ~5)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 4, *hw, generator=g) * 5.0
+
+
+def settings(H, **kw):
+    base = dict(seed=7, steps=10, cfg=5.0, sampler_name="euler", scheduler="normal", method="demofusion",
+                upscale_method="latent")
+    return H.HighResSettings(**{**base, **kw})
+
+
+def run(H, model, target_px, latent=None, kind=KIND, image=None, vae=None, single=False, **kw):
+    """run_stages under inference mode; returns (samples, report)."""
+    b = (latent if latent is not None else image).shape[0]
+    pos, neg = helpers.conds(kind, batch=1)
+    lat = None if latent is None else {"samples": latent}
+    with torch.inference_mode():
+        out, report = H.run_stages(model, pos, neg, lat, vae, target_px, settings(H, **kw), image=image,
+                                   single_stage=single)
+    assert out["samples"].shape[0] == b
+    return out["samples"].clone(), report
+
+
+class UnetCalls:
+    """Counts UNet forward calls and records (batch, dilation of conv_in) of each."""
+
+    def __init__(self, model):
+        self.unet = model.model.diffusion_model
+        self.conv_in = self.unet.input_blocks[0][0]
+        self.calls: list[tuple[int, tuple[int, int]]] = []
+        self.handle = self.unet.register_forward_pre_hook(self._hook)
+
+    def _hook(self, _mod, args):
+        self.calls.append((args[0].shape[0], tuple(self.conv_in.dilation)))
+
+    def close(self):
+        self.handle.remove()
+
+
+def snapshot(model):
+    """Everything sampling could leave behind on the model."""
+    mods = dict(model.model.named_modules())
+    return {
+        "modules": {n: id(m) for n, m in mods.items()},
+        "convs": {n: (m.dilation, m.padding) for n, m in mods.items() if isinstance(m, torch.nn.Conv2d)},
+        "own_forward": sorted(n for n, m in mods.items() if "forward" in m.__dict__),
+        "state": {k: v.clone() for k, v in model.model.state_dict().items()},
+        "model_options": repr(sorted(model.model_options)),
+        "transformer_options": repr(sorted(model.model_options.get("transformer_options", {}))),
+        "object_patches": dict(model.object_patches),
+        "patches": sorted(model.patches),
+    }
+
+
+def assert_unchanged(model, before):
+    after = snapshot(model)
+    assert after["modules"] == before["modules"]
+    assert after["convs"] == before["convs"] and all(d == (1, 1) for d, _ in after["convs"].values())
+    assert after["own_forward"] == before["own_forward"] == []
+    assert after["state"].keys() == before["state"].keys()
+    assert all(torch.equal(after["state"][k], v) for k, v in before["state"].items())
+    for key in ("model_options", "transformer_options", "object_patches", "patches"):
+        assert after[key] == before[key], key
+
+
+def small_vae():
+    """ComfyUI's own VAE class around a narrow AutoencoderKL (SD's layout, widths 32..128,
+    x8 compression): the real encode/decode/tiling code at a fraction of the cost."""
+    dd = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 32,
+          "ch_mult": [1, 2, 4, 4], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
+    ae = AutoencoderKL(ddconfig=dd, embed_dim=4)
+    helpers.fill_random(ae, 5)
+    orig = comfy.sd.AutoencoderKL
+    narrow = {"ch": 32, "num_res_blocks": 1}
+    comfy.sd.AutoencoderKL = lambda ddconfig, embed_dim: orig(ddconfig={**ddconfig, **narrow}, embed_dim=embed_dim)
+    try:
+        return comfy.sd.VAE(sd=ae.state_dict())
+    finally:
+        comfy.sd.AutoencoderKL = orig
+
+
+@pytest.fixture(scope="module")
+def vae():
+    return small_vae()
+
+
+@pytest.fixture
+def progress(monkeypatch):
+    """Records every progress-bar update (value, total, has preview) with previews on."""
+    events: list[tuple[int, int, object]] = []
+
+    def hook(value, total, preview, prompt_id=None, node_id=None):
+        events.append((value, total, preview))
+
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", hook)
+    monkeypatch.setattr(comfy.cli_args.args, "preview_method", comfy.cli_args.LatentPreviewMethod.Latent2RGB)
+    return events
+
+
+# -- the plan: reference numbers ------------------------------------------------------------------
+def test_stage_plan_1k_to_16k_matches_reference(hrm):
+    # SDXL pipeline: base long side 1024 px (128 latent), target 16384 px, 50 steps, 0.32.
+    sdxl = hrm.plan_stages((128, 128), (2048, 2048), 50, hrm.DEMOFUSION_STRENGTH)
+    assert [s.pixel_size for s in sdxl] == [(2048, 2048), (4096, 4096), (8192, 8192), (16384, 16384)]
+    assert [s.strength for s in sdxl] == pytest.approx([0.32, 0.24, 0.16, 0.08], abs=1e-12)
+    # the pipeline's own float32 linspace gives the same values
+    assert [s.strength for s in sdxl] == pytest.approx(torch.linspace(0.32, 0, 5)[:-1].tolist(), abs=1e-7)
+    assert [s.steps for s in sdxl] == [16, 12, 8, 4]
+    assert [s.dilation for s in sdxl] == [2, 4, 8, 16]
+    # SD1.5 notebook: 1024x512 -> 2K -> 4K -> 8K -> 16K with 0.4, 0.3, 0.2, 0.1 of 50 steps.
+    sd1 = hrm.plan_stages((64, 128), (1024, 2048), 50, hrm.SDEDIT_STRENGTH)
+    assert [s.pixel_size for s in sd1] == [(2048, 1024), (4096, 2048), (8192, 4096), (16384, 8192)]
+    assert [s.strength for s in sd1] == pytest.approx([0.4, 0.3, 0.2, 0.1], abs=1e-12)
+    assert [s.steps for s in sd1] == [20, 15, 10, 5]
+    # super-resolution pipeline: one stage straight to the target, dilation ceil(target / input)
+    (sr,) = hrm.plan_stages((128, 96), (384, 288), 50, 0.32, single_stage=True)
+    assert (sr.pixel_size, sr.steps, sr.dilation) == ((2304, 3072), 16, 3)
+    # a target that is not a power-of-two multiple: doubles, then exactly the target
+    odd = hrm.plan_stages((128, 128), (375, 300), 50, 0.32)
+    assert [(s.height, s.width) for s in odd] == [(256, 256), (375, 300)]
+    assert [s.dilation for s in odd] == [2, 3] and [s.steps for s in odd] == [16, 8]
+    assert hrm.stage_strengths(3, 0.3, "constant") == [0.3, 0.3, 0.3]
+    assert [hrm.round_to_grid(v) for v in (131, 70, 3, 1000)] == [128, 72, 8, 1000]
+    assert hrm.stage_steps(50, 0.3) == 15 and hrm.stage_steps(4, 0.32) == 1 and hrm.stage_steps(3, 0.32) == 0
+
+
+def test_cosine_blur_dilation_pieces(hrm):
+    assert hrm.cosine_factor(1000) == pytest.approx(1.0) and hrm.cosine_factor(0) == pytest.approx(0.0)
+    assert hrm.cosine_factor(500) == pytest.approx(0.5)
+    c1, c2, c3 = hrm.cosine_weights(320, (3.0, 1.0, 1.0))
+    cf = 0.5 * (1 + math.cos(math.pi * 680 / 1000))
+    assert (c1, c2, c3) == pytest.approx((cf**3, cf, 0.99 * cf + 0.01))
+    # Gaussian kernel as the reference writes it (exp of squared offsets, outer product, sum 1)
+    k = hrm.gaussian_kernel(7, 0.8, 4)
+    x = torch.arange(7) - 3.0
+    g = torch.exp(-(x**2) / (2 * 0.8**2))
+    ref = (g / g.sum())[:, None] * (g / g.sum())[None, :]
+    assert k.shape == (4, 1, 7, 7) and (k[2, 0] - ref).abs().max() < 1e-7 and abs(k[0].sum() - 1) < 1e-6
+    # blurred input keeps the per-channel mean/std of the unblurred latent
+    lat = torch.randn(2, 4, 24, 20) * 3 + 1
+    b = hrm.blurred_input(lat, 4, 1.0)
+    (m0, s0), (m1, s1) = hrm.channel_stats(lat), hrm.channel_stats(b)
+    assert (m0 - m1).abs().max() < 1e-5 and (s0 - s1).abs().max() < 1e-5 and (b - lat).abs().mean() > 0.1
+    # anchoring puts the target statistics on any latent
+    a = hrm.restandardize(lat, torch.full((2, 4, 1, 1), 0.5), torch.full((2, 4, 1, 1), 2.0))
+    ma, sa = hrm.channel_stats(a)
+    assert (ma - 0.5).abs().max() < 1e-5 and (sa - 2.0).abs().max() < 1e-5
+    assert hrm.dilation_ratio(2048, 1024) == 2 and hrm.dilation_ratio(3000, 1024) == 3
+
+
+def test_dilation_and_chunking_always_restore(hrm):
+    convs = [torch.nn.Conv2d(2, 2, 3, padding=1), torch.nn.Conv2d(2, 2, 3, stride=2, padding=1),
+             torch.nn.Conv2d(2, 2, 1)]
+    x = torch.randn(1, 2, 16, 16)
+    shapes = [c(x).shape for c in convs]
+    with hrm.dilated_convs(convs, 4):
+        assert [c.dilation for c in convs] == [(4, 4)] * 3 and [c.padding for c in convs] == [(4, 4), (4, 4), (0, 0)]
+        assert [c(x).shape for c in convs] == shapes  # sizes kept: padding grows with dilation
+    with pytest.raises(KeyboardInterrupt), hrm.dilated_convs(convs, 8):
+        raise KeyboardInterrupt
+    assert [(c.dilation, c.padding) for c in convs] == [((1, 1), (1, 1)), ((1, 1), (1, 1)), ((1, 1), (0, 0))]
+
+    ff = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.GELU(), torch.nn.Linear(32, 8))
+    tokens = torch.randn(2, 50, 8)
+    seen = []
+    h = ff[0].register_forward_hook(lambda _m, i, _o: seen.append(i[0].shape[1]))
+    want = ff(tokens)
+    seen.clear()
+    with hrm.chunked_token_forward([ff], 16):
+        got = ff(tokens)
+    h.remove()
+    assert (got - want).abs().max() < 1e-6 and max(seen) == 4 and len(seen) == 13  # ceil(50/16)=4 per chunk
+    with pytest.raises(RuntimeError), hrm.chunked_token_forward([ff], 4):
+        raise RuntimeError
+    assert "forward" not in ff.__dict__
+
+
+def test_refine_step_equals_reference_step(H, hrm, model):
+    """The model proxy on a stand-in model, against the reference's step written out: skip
+    residual on the state, two Euler steps (local, dilated-on-blurred with its noise applied to
+    the unblurred state), mixed with c2."""
+    ms = model.get_model_object("model_sampling")
+    g = torch.Generator().manual_seed(0)
+    x0, noise, x = (torch.randn(1, 4, 12, 10, generator=g) for _ in range(3))
+    sigma = ms.sigmas[640:641].clone()
+    sigma_next = float(ms.sigmas[600])
+    d_local, d_dil = torch.randn(1, 4, 12, 10, generator=g), torch.randn(1, 4, 12, 10, generator=g)
+    inputs = []
+
+    def inner(inp, s, **_kw):
+        inputs.append(inp.clone())
+        return d_local if len(inputs) == 1 else d_dil
+
+    scales, r, gs = (3.0, 1.0, 1.0), 2, 1.0
+    proxy = H._RefineModel(inner, torch.nn.Module(), ms, noise, x0, r, scales, gs)
+    state = x.clone()
+    denoised = proxy(state, sigma)
+    t = int(ms.timestep(sigma))
+    c1, c2, c3 = hrm.cosine_weights(t, scales)
+    assert 0.05 < c2 < 1 and 0 < c1 < c2
+    s = float(sigma)
+    blended = (1 - c1) * x + c1 * (x0 + s * noise)
+    assert (state - blended).abs().max() < 1e-6  # the sampler's own state was blended in place
+    blurred = hrm.blurred_input(blended, r, gs * c3)
+    assert (inputs[0] - blended).abs().max() < 1e-6 and (inputs[1] - blurred).abs().max() < 1e-6
+
+    def euler(state_, eps):
+        return state_ + (sigma_next - s) * eps
+
+    eps_local = (blended - d_local) / s
+    eps_dil = (blurred - d_dil) / s  # the dilated branch's noise prediction, from the blurred input
+    reference = (1 - c2) * euler(blended, eps_local) + c2 * euler(blended, eps_dil)
+    ours = euler(state, (state - denoised) / s)
+    assert (ours - reference).abs().max() < 1e-5
+
+
+# -- sampling through ComfyUI ----------------------------------------------------------------------
+def test_stage_sizes_and_seeds(H, model):
+    base = base_latent(hw=(4, 4))
+    a, rep = run(H, model, (128, 128), base)
+    assert rep.shapes == [(1, 4, 8, 8), (1, 4, 16, 16)]
+    # demofusion's 0.32, 0.16 of 10 steps
+    assert [s.steps for s in rep.stages] == [3, 1] and [s.dilation for s in rep.stages] == [2, 4]
+    assert len(rep.seconds) == 2 and rep.progress_total == 4
+    b, _ = run(H, model, (128, 128), base)
+    c, _ = run(H, model, (128, 128), base, seed=8)
+    assert torch.equal(a, b)
+    assert (a - c).abs().mean() > 0.05 * a.abs().mean()
+
+
+def test_refine_on_off_and_branches_off_equal_sdedit(H, model):
+    base = base_latent(hw=(8, 8))
+    common = dict(anchor="off", upscale_strength=0.4)
+    sdedit, _ = run(H, model, (128, 128), base, method="sdedit", **common)
+    refine, _ = run(H, model, (128, 128), base, method="demofusion", **common)
+    assert (refine - sdedit).abs().mean() > 0.02 * sdedit.abs().mean()
+    # cf <= 0.35 in these stages (strength 0.4): cf**60 < 1e-27 switches both extra branches off
+    off, _ = run(H, model, (128, 128), base, method="demofusion", cosine_scales=(60.0, 60.0, 1.0), **common)
+    assert (off - sdedit).abs().max() < 1e-6
+    anchored, _ = run(H, model, (128, 128), base, method="demofusion")
+    m0, s0 = base.mean(dim=(2, 3)), base.std(dim=(2, 3))
+    assert (anchored.mean(dim=(2, 3)) - m0).abs().max() < 1e-3 and (anchored.std(dim=(2, 3)) - s0).abs().max() < 1e-3
+
+
+@pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m", "dpmpp_2m_sde", "euler_ancestral", "heun"])
+def test_every_sampler_runs_the_refined_step(H, model, sampler):
+    base = base_latent(hw=(8, 8))
+    calls = UnetCalls(model)
+    try:
+        a, rep = run(H, model, (128, 128), base, sampler_name=sampler)
+    finally:
+        calls.close()
+    (stage,) = rep.stages
+    assert stage.steps == 3 and rep.shapes == [(1, 4, 16, 16)] and torch.isfinite(a).all()
+    # model evaluations: one per step; heun adds a corrector at the next sigma for all steps but the last
+    sigmas = H.full_sigmas(model, 10, sampler, "normal")[-(stage.steps + 1):]
+    evals = list(sigmas[:-1]) + (list(sigmas[1:-1]) if sampler == "heun" else [])
+    ms = model.get_model_object("model_sampling")
+    with_dilated = [s for s in evals if int(ms.timestep(s.reshape(1))) > 0]  # cf = 0 at t = 0
+    assert 0 < len(with_dilated) < len(evals)  # the last sigma (t = 0) has no dilated branch
+    local = [c for c in calls.calls if c[1] == (1, 1)]
+    dilated = [c for c in calls.calls if c[1] == (2, 2)]
+    assert len(local) == len(evals) and len(dilated) == len(with_dilated)
+    assert len(calls.calls) == len(evals) + len(dilated)
+    b, _ = run(H, model, (128, 128), base, sampler_name=sampler)
+    assert torch.equal(a, b)  # the SDE samplers too: their noise comes from the seed
+
+
+def test_batch_two_non_square(H, model):
+    base = base_latent(batch=2, hw=(4, 6), seed=11)
+    both, rep = run(H, model, (96, 64), base)  # 48x32 px -> 96x64 px
+    assert rep.shapes == [(2, 4, 8, 12)]
+    one, _ = run(H, model, (96, 64), base[:1])
+    assert (both[:1] - one).abs().max() < 1e-4  # each image as if sampled alone
+    assert (both[0] - both[1]).abs().mean() > 0.1
+
+
+def test_model_left_untouched_also_when_interrupted(H, model):
+    base = base_latent(hw=(4, 4))
+    before = snapshot(model)
+    first, _ = run(H, model, (128, 128), base, low_memory=True)  # dilation, ff chunking, cond split
+    assert_unchanged(model, before)
+
+    # 1. interrupt from the progress bar at step 1 of stage 2 (as the server's hook does)
+    def hook(value, total, preview, **_kw):
+        if value == 4:
+            raise comfy.model_management.InterruptProcessingException()
+
+    old = comfy.utils.PROGRESS_BAR_HOOK
+    comfy.utils.set_progress_bar_global_hook(hook)
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            run(H, model, (128, 128), base, low_memory=True)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(old)
+    assert_unchanged(model, before)
+
+    # 2. an exception raised inside the dilated branch (convs dilated, ff chunked at that moment)
+    conv = model.model.diffusion_model.input_blocks[0][0]
+
+    def boom(mod, _args):
+        if mod.dilation != (1, 1):
+            raise comfy.model_management.InterruptProcessingException()
+
+    h = conv.register_forward_pre_hook(boom)
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            run(H, model, (128, 128), base, low_memory=True)
+    finally:
+        h.remove()
+    assert_unchanged(model, before)
+
+    # 3. the interrupt flag set during a step's local branch stops that step before its dilated branch
+    calls = UnetCalls(model)
+
+    def flag(_mod, _args):
+        if len(calls.calls) == 3:  # stage 1: step 1 local, step 1 dilated, step 2 local
+            comfy.model_management.interrupt_current_processing(True)
+
+    h = conv.register_forward_pre_hook(flag)
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            run(H, model, (128, 128), base)
+    finally:
+        h.remove()
+        calls.close()
+    assert not comfy.model_management.processing_interrupted()
+    assert calls.calls == [(2, (1, 1)), (2, (2, 2)), (2, (1, 1))]
+    assert_unchanged(model, before)
+    again, _ = run(H, model, (128, 128), base, low_memory=True)
+    assert torch.equal(again, first)  # the model works as before
+
+
+def test_low_memory_same_result_one_cond_at_a_time(H, model):
+    base = base_latent(hw=(8, 8))
+    calls = UnetCalls(model)
+    try:
+        normal, _ = run(H, model, (128, 128), base)
+        n_normal = len(calls.calls)
+        low, _ = run(H, model, (128, 128), base, low_memory=True)
+    finally:
+        calls.close()
+    assert (low - normal).abs().max() < 1e-4
+    assert {c[0] for c in calls.calls[:n_normal]} == {2}  # cond + uncond batched
+    assert {c[0] for c in calls.calls[n_normal:]} == {1} and len(calls.calls) == 3 * n_normal
+
+
+def test_one_progress_bar_with_previews(H, model, vae, progress):
+    base = base_latent(hw=(4, 4))
+    _, rep = run(H, model, (128, 128), base, upscale_method="pixel", vae=vae, vae_tile_size=32)
+    total = rep.progress_total
+    assert total == 4
+    assert {t for _, t, _ in progress} == {total}  # the tiled VAE's own bars stay silent
+    values = [v for v, _, _ in progress]
+    assert values[-1] == total and values == sorted(values)
+    previews = [p for _, _, p in progress if p is not None]
+    assert len(previews) == total and all(p[0] == "JPEG" for p in previews)
+
+
+def test_pixel_upscale_through_vae_and_tiling(H, model, vae, monkeypatch):
+    used = []
+    for name in ("decode", "encode", "decode_tiled", "encode_tiled"):
+        fn = getattr(vae, name)
+        monkeypatch.setattr(vae, name, lambda *a, _fn=fn, _n=name, **k: used.append((_n, a[0].shape)) or _fn(*a, **k))
+    base = base_latent(hw=(4, 4))
+    plain, rep = run(H, model, (128, 128), base, upscale_method="pixel", vae=vae, vae_tile_size=0, method="sdedit")
+    assert [n for n, _ in used] == ["decode", "encode", "decode", "encode"]
+    assert [tuple(s) for _, s in used] == [(1, 4, 4, 4), (1, 64, 64, 3), (1, 4, 8, 8), (1, 128, 128, 3)]
+    assert rep.shapes == [(1, 4, 8, 8), (1, 4, 16, 16)]
+    used.clear()
+    tiled, _ = run(H, model, (128, 128), base, upscale_method="pixel", vae=vae, vae_tile_size=32, method="sdedit")
+    assert [n for n, _ in used] == ["decode", "encode_tiled", "decode_tiled", "encode_tiled"]
+    assert tiled.shape == plain.shape and torch.isfinite(tiled).all() and not torch.equal(plain, tiled)
+    with pytest.raises(ValueError, match="needs a VAE"):
+        run(H, model, (64, 64), base, upscale_method="pixel")
+
+
+def test_nodes_public_interface(H, model, vae, node_classes, caplog):
+    pos, neg = helpers.conds(KIND)
+    lat = {"samples": base_latent(hw=(4, 6)), "batch_index": [0]}
+    adv = node_classes["LinFusionHighResSamplerAdvanced"]
+    kw = dict(model=model, positive=pos, negative=neg, latent_image=lat, scale_by=4.0, width=131, height=70,
+              seed=1, steps=10, cfg=5.0, sampler_name="dpmpp_2m", scheduler="karras", method="auto",
+              upscale_strength=0.0, strength_schedule="linear", upscale_method="latent", cosine_scale_1=3.0,
+              cosine_scale_2=1.0, cosine_scale_3=1.0, gaussian_sigma=1.0, anchor_stats="auto", low_memory=False,
+              vae_tile_size=2048)
+    caplog.set_level(logging.INFO, logger="ComfyUI-LinFusion")
+    with torch.inference_mode():
+        out = adv.execute(**kw).result[0]
+    assert out["samples"].shape == (1, 4, 9, 16) and out["batch_index"] == [0]
+    text = caplog.text
+    assert "target 131x70 px is not a multiple of 8 px" in text and "using 128x72" in text
+    assert "sdedit (auto: SD1.x/2.x-like model)" in text and "48x32 -> 96x64 -> 128x72 px" in text
+
+    simple = node_classes["LinFusionHighResSampler"]
+    with torch.inference_mode():
+        out = simple.execute(model=model, positive=pos, negative=neg, latent_image={"samples": base_latent()},
+                             vae=vae, scale_by=2.0, seed=1, steps=5, cfg=5.0, sampler_name="euler",
+                             scheduler="normal").result[0]
+    assert out["samples"].shape == (1, 4, 8, 8)
+
+    sr = node_classes["LinFusionSuperResolution"]
+    image = torch.rand(1, 44, 60, 3)  # not a multiple of 8
+    sr_kw = {**{k: v for k, v in kw.items() if k != "latent_image"}, "scale_by": 2.0, "width": 0, "height": 0}
+    for stages in ("single", "progressive"):
+        with torch.inference_mode():
+            res = sr.execute(**sr_kw, image=image, vae=vae, stages=stages).result
+        img, lat_out = res
+        assert img.shape == (1, 88, 120, 3) and lat_out["samples"].shape == (1, 4, 11, 15)
+        assert 0.0 <= float(img.min()) and float(img.max()) <= 1.0
+
+
+def test_sdxl_defaults_to_demofusion(H, hrm):
+    sdxl = helpers.small_model("sdxl")
+    s = settings(H, method="auto", upscale_strength=0.0)
+    res = H.resolve(sdxl, s)
+    assert res.refine and res.strength == hrm.DEMOFUSION_STRENGTH and res.anchor
+    res1 = H.resolve(helpers.small_model("sd21"), s)
+    assert not res1.refine and res1.strength == hrm.SDEDIT_STRENGTH and not res1.anchor
+    calls = UnetCalls(sdxl)
+    try:
+        out, rep = run(H, sdxl, (64, 64), base_latent(hw=(4, 4)), kind="sdxl", method="auto", steps=8)
+    finally:
+        calls.close()
+    assert rep.shapes == [(1, 4, 8, 8)] and rep.stages[0].steps == 2 and torch.isfinite(out).all()
+    assert [c[1] for c in calls.calls] == [(1, 1), (2, 2), (1, 1)]  # no dilated branch at t = 0
+
+
+def test_v_prediction_model(H):
+    sd21 = helpers.small_model("sd21")
+    out, rep = run(H, sd21, (64, 64), base_latent(hw=(4, 4)), kind="sd21", steps=10)
+    assert rep.shapes == [(1, 4, 8, 8)] and torch.isfinite(out).all() and out.std() > 0.5
