@@ -1,7 +1,7 @@
 """One full UNet denoising step of the SD1.5 layout (random weights), plain vs LinFusion.
 
     .dev/venv/bin/python bench/step.py [--px 512 1024 2048 4096] [--plain-px 512 1024 2048]
-                                       [--timeout 900] [--device cpu]
+                                       [--timeout 900] [--device cpu] [--channels 320]
 
 Batch 2 (cond + uncond, as with CFG). The plain model uses ComfyUI's default attention on
 this machine; the LinFusion model has every attn1 replaced by this pack's layer. Each case
@@ -25,7 +25,7 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(HERE.parent))
 
 
-def run_case(mode: str, px: int, device: str) -> dict:
+def run_case(mode: str, px: int, device: str, channels: int = 320) -> dict:
     import comfy_env
 
     comfy_env.setup(cpu=device == "cpu")
@@ -38,7 +38,7 @@ def run_case(mode: str, px: int, device: str) -> dict:
     dev = torch.device(device)
     dtype = torch.float16 if dev.type == "cuda" else torch.float32
     torch.manual_seed(0)
-    model = helpers.base_model("sd15")
+    model = helpers.base_model("sd15", channels)
     unet = model.diffusion_model
     with torch.no_grad():
         for name, p in unet.named_parameters():
@@ -47,8 +47,8 @@ def run_case(mode: str, px: int, device: str) -> dict:
             else:
                 p.normal_(0, 1 / math.sqrt(math.prod(p.shape[1:])))
     if mode == "linfusion":
-        fam = linfusion.FAMILIES["sd1"]
-        weights = linfusion.LinFusionWeights(fam.modules(), helpers.random_state(linfusion, fam.modules(), dtype=dtype))
+        mods = helpers.lf_modules(linfusion, "sd15", unet)
+        weights = linfusion.LinFusionWeights(mods, helpers.random_state(linfusion, mods, dtype=dtype))
         plan = linfusion.plan_replacements(weights, unet)
         layers = linfusion.build_replacements(weights, plan, {}, dtype=dtype, device="cpu")
         for path, layer in layers.items():
@@ -72,10 +72,12 @@ def main() -> None:
     ap.add_argument("--plain-px", type=int, nargs="+", default=[512, 1024, 2048], help="plain-model sizes")
     ap.add_argument("--timeout", type=float, default=900.0)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--case", nargs=3, help=argparse.SUPPRESS)
+    ap.add_argument("--channels", type=int, default=320,
+                    help="UNet model_channels: 320 is SD1.5 itself; 32 is the small test layout")
+    ap.add_argument("--case", nargs=4, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.case:
-        print(json.dumps(run_case(a.case[0], int(a.case[1]), a.case[2])))
+        print(json.dumps(run_case(a.case[0], int(a.case[1]), a.case[2], int(a.case[3]))))
         return
     from bench.memory import fmt_bytes, run_child
 
@@ -84,7 +86,7 @@ def main() -> None:
         for mode, sizes in (("linfusion", a.px), ("plain", a.plain_px)):
             if px not in sizes:
                 continue
-            r = run_child([sys.executable, __file__, "--case", mode, str(px), a.device], a.timeout)
+            r = run_child([sys.executable, __file__, "--case", mode, str(px), a.device, str(a.channels)], a.timeout)
             results[mode][px] = r
             if "seconds" in r:
                 extra = (f", peak/estimate {r['peak_bytes'] / r['linfusion_estimate_bytes']:.2f}"
@@ -105,8 +107,10 @@ def main() -> None:
         print(f"LinFusion time ~ pixels^{k:.2f} from {lo} to {hi} px")
     out = HERE / "out"
     out.mkdir(exist_ok=True)
-    (out / "step.json").write_text(json.dumps({"device": a.device, "results": results}, indent=1))
-    plot(results, out / "step.png")
+    tag = "" if a.channels == 320 else f"_ch{a.channels}"
+    (out / f"step{tag}.json").write_text(json.dumps({"device": a.device, "channels": a.channels, "results": results},
+                                                    indent=1))
+    plot(results, out / f"step{tag}.png")
 
 
 def plot(results: dict, path: Path) -> None:
