@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -31,17 +30,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _comfyui() -> Path:
-    env = os.environ.get("COMFYUI_PATH")
-    return Path(env) if env else Path((REPO / ".dev" / "comfyui_path").read_text().strip())
-
-
 def _setup(threads: int):
     sys.path.insert(0, str(REPO / "tests"))
-    sys.path.insert(0, str(_comfyui()))
-    import comfy.cli_args
+    sys.path.insert(0, str(REPO / "scripts"))
+    import comfy_env
 
-    comfy.cli_args.args.cpu = True
+    comfy_env.setup(cpu=True)
     import comfy.model_management  # noqa: F401
     import nodes
     import torch

@@ -1,28 +1,27 @@
 """Peak-memory and timing helpers shared by the bench scripts.
 
 CPU peak memory is the process's resident high-water mark (VmHWM) after resetting it
-through /proc/self/clear_refs, minus the resident size just before the measured call. glibc
-is told to serve every allocation above 64 KiB by mmap (MALLOC_MMAP_THRESHOLD_), so freed
-tensors really leave the process and one measurement does not hide inside another's
-leftovers. On CUDA the peak is torch.cuda.max_memory_allocated.
+through /proc/self/clear_refs, minus the resident size just before the measured call.
+malloc_trim(0) first hands freed heap memory back to the system, so the call's tensors
+cannot hide in memory an earlier call left behind. (Forcing every allocation through mmap
+instead, with MALLOC_MMAP_THRESHOLD_, distorts timings many times over: not used.) On
+CUDA the peak is torch.cuda.max_memory_allocated.
 """
 
 from __future__ import annotations
 
-import os
-import sys
+import ctypes
 import time
 from collections.abc import Callable
 
 import torch
 
-MMAP_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
-
-def reexec_with_malloc_env() -> None:
-    """Restart this script with the allocator settings above (once)."""
-    if os.environ.get("MALLOC_MMAP_THRESHOLD_") != MMAP_ENV["MALLOC_MMAP_THRESHOLD_"]:
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MMAP_ENV})
+def _trim_heap() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # not glibc: the measurement may then read low, never high
+        pass
 
 
 def _status_kib(field: str) -> int:
@@ -44,6 +43,7 @@ def measure(fn: Callable[[], object], device: torch.device, repeats: int = 3) ->
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
     else:
+        _trim_heap()
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
         base = _status_kib("VmRSS")
@@ -76,7 +76,7 @@ def run_child(cmd: list[str], timeout: float) -> dict:
     import subprocess
 
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **MMAP_ENV})
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"stopped": True, "why": f"ran past {timeout:.0f} s"}
     lines = out.stdout.strip().splitlines()
