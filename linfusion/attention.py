@@ -45,7 +45,14 @@ def _phi(t: torch.Tensor) -> torch.Tensor:
     PyTorch's CPU elu kernel is several times slower than these vectorised passes.
     exp overflowing to inf for large t is clipped to 1 as it should be."""
     t = t.float()
+    if _grad(t):  # autograd needs exp's output intact: no in-place passes
+        return torch.exp(t).clamp(max=1.0) + t.clamp(min=0.0)
     return torch.exp(t).clamp_(max=1.0).add_(t.clamp(min=0.0))
+
+
+def _grad(*ts: torch.Tensor) -> bool:
+    """Whether autograd records these: training (distillation) takes the out-of-place path."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in ts)
 
 
 def kv_summary(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -79,9 +86,11 @@ def apply_summary(q: torch.Tensor, summary: torch.Tensor, eps: float = EPS,
     if out is None:
         out = torch.empty(q.shape[:-1] + (summary.shape[-1] - 1,), dtype=torch.float32, device=q.device)
     step = _chunk_tokens(q)
+    grad = _grad(q, summary)
     for s in range(0, n, step):
         num = torch.matmul(_phi(q[..., s:s + step, :]), summary)
-        out[..., s:s + step, :] = num[..., :-1].div_(num[..., -1:].add_(eps))
+        z = num[..., -1:] + eps if grad else num[..., -1:].add_(eps)
+        out[..., s:s + step, :] = num[..., :-1] / z if grad else num[..., :-1].div_(z)
     return out
 
 
