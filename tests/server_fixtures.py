@@ -66,6 +66,21 @@ def sd15_checkpoint():
     return path
 
 
+def place_sd15(model_dirs: ModelDirs, checkpoint, lf, ckpt_name: str, weights_name: str) -> None:
+    """Link the random SD1.5 checkpoint into the server's checkpoints folder as `ckpt_name`,
+    and full-size random SD1.x LinFusion weights into its linfusion folder as a real folder
+    `weights_name` holding (links to) the two official files, as a user would have it."""
+    link = model_dirs.checkpoints / ckpt_name
+    if not link.is_symlink():
+        link.symlink_to(checkpoint)
+    src = checkpoints.linfusion_weights(lf, "sd1")
+    dst = model_dirs.linfusion / weights_name
+    dst.mkdir(exist_ok=True)
+    for f in src.iterdir():
+        if not (dst / f.name).is_symlink():
+            (dst / f.name).symlink_to(f)
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_setup(item):
     item.stash[_LOG_START] = _active[-1].log_size() if _active else 0

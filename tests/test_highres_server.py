@@ -9,7 +9,6 @@ from __future__ import annotations
 import re
 import time
 
-import checkpoints
 import numpy as np
 import pytest
 import server_fixtures
@@ -23,15 +22,7 @@ SEED = 5
 
 @pytest.fixture(scope="module")
 def server(comfy_server, model_dirs, sd15_checkpoint, lf):
-    link = model_dirs.checkpoints / CKPT
-    if not link.is_symlink():
-        link.symlink_to(sd15_checkpoint)
-    src = checkpoints.linfusion_weights(lf, "sd1")
-    dst = model_dirs.linfusion / LF_WEIGHTS
-    dst.mkdir(exist_ok=True)
-    for f in src.iterdir():
-        if not (dst / f.name).is_symlink():
-            (dst / f.name).symlink_to(f)
+    server_fixtures.place_sd15(model_dirs, sd15_checkpoint, lf, CKPT, LF_WEIGHTS)
     return comfy_server
 
 

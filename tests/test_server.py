@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 import time
 
-import checkpoints
 import numpy as np
 import pytest
 import server_fixtures
@@ -86,16 +85,7 @@ class SD15Server:
 
 @pytest.fixture(scope="module")
 def sd15(comfy_server, model_dirs, sd15_checkpoint, lf) -> SD15Server:
-    link = model_dirs.checkpoints / CKPT
-    if not link.is_symlink():
-        link.symlink_to(sd15_checkpoint)
-    # A real folder holding (links to) the two official files, as a user would have it.
-    src = checkpoints.linfusion_weights(lf, "sd1")
-    dst = model_dirs.linfusion / LF_WEIGHTS
-    dst.mkdir(exist_ok=True)
-    for f in src.iterdir():
-        if not (dst / f.name).is_symlink():
-            (dst / f.name).symlink_to(f)
+    server_fixtures.place_sd15(model_dirs, sd15_checkpoint, lf, CKPT, LF_WEIGHTS)
     return SD15Server(comfy_server, model_dirs)
 
 
