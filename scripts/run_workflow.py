@@ -1,0 +1,1002 @@
+#!/usr/bin/env python3
+"""Run ComfyUI workflow files headlessly and save their images.
+
+    python scripts/run_workflow.py workflows/sd15_512_to_2k.json              # starts a local ComfyUI
+    python scripts/run_workflow.py my.json --server http://127.0.0.1:8188     # a running one
+    python scripts/run_workflow.py workflows/*.json --scale 0.125 --set steps=4 --output out/
+
+A workflow is either what the web UI saves (UI format: "nodes" and "links") or an API
+prompt (what "Export (API)" saves). UI files are converted to an API prompt with the
+server's own node definitions (GET /object_info), the way the web UI's "Queue" does: widget
+values are matched to inputs in the node's input order, the extra "control after
+generate" values (seeds) and upload buttons are skipped, inputs turned into sockets take
+their link, Note / Reroute / Primitive nodes are dropped (a primitive's value goes to the
+inputs it feeds), muted nodes are left out and bypassed nodes are passed through.
+
+Before queueing, every model file a loader names is checked against the server's lists:
+a missing one stops the run with its name, the models folder it belongs in, and the
+download address when the workflow carries one. Progress comes over the server's
+websocket (node, step, elapsed time); outputs are downloaded through GET /view into
+--output, so the server may be on another machine.
+
+Without --server a ComfyUI is started on a free port of 127.0.0.1 from --comfyui,
+$COMFYUI_PATH, or the copy scripts/dev_setup.sh made, with this pack loaded, and stopped
+at the end; on a machine without CUDA it runs with --cpu. --scale multiplies every pixel
+size a workflow sets (width/height inputs: empty latents, resizes, high-res targets;
+rounded to multiples of 8) so that CPU runs stay small; factors such as scale_by stay.
+
+Only the standard library is needed (Python 3.9+) to drive a server; starting one needs
+ComfyUI's own environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import ssl
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+PACK_NAME = "ComfyUI-LinFusion"
+
+# Nodes that exist only in the web UI: never sent to the server.
+VIRTUAL_NODES = {"Note", "MarkdownNote", "PrimitiveNode", "Reroute"}
+MODE_NEVER, MODE_BYPASS = 2, 4  # LiteGraph node modes: muted, bypassed
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize", "increment-wrap"}
+UPLOAD_FLAGS = ("image_upload", "video_upload", "audio_upload", "animated_image_upload")
+# Inputs in pixels that --scale changes.
+PIXEL_SIZE_INPUTS = {"width", "height", "target_width", "target_height", "crop_w", "crop_h"}
+
+# Which models folder a file-choice input reads. The workflow's own `properties.models`
+# entries (what ComfyUI's templates carry) take precedence; then (node, input); then the
+# input name alone.
+MODEL_FOLDER_BY_NODE_INPUT = {
+    ("CheckpointLoaderSimple", "ckpt_name"): "checkpoints",
+    ("CheckpointLoader", "ckpt_name"): "checkpoints",
+    ("ImageOnlyCheckpointLoader", "ckpt_name"): "checkpoints",
+    ("LoraLoader", "lora_name"): "loras",
+    ("LoraLoaderModelOnly", "lora_name"): "loras",
+    ("VAELoader", "vae_name"): "vae",
+    ("ControlNetLoader", "control_net_name"): "controlnet",
+    ("DiffControlNetLoader", "control_net_name"): "controlnet",
+    ("UpscaleModelLoader", "model_name"): "upscale_models",
+    ("UNETLoader", "unet_name"): "diffusion_models",
+    ("CLIPLoader", "clip_name"): "text_encoders",
+    ("DualCLIPLoader", "clip_name1"): "text_encoders",
+    ("DualCLIPLoader", "clip_name2"): "text_encoders",
+    ("CLIPVisionLoader", "clip_name"): "clip_vision",
+    ("StyleModelLoader", "style_model_name"): "style_models",
+    ("GLIGENLoader", "gligen_name"): "gligen",
+    ("HypernetworkLoader", "hypernetwork_name"): "hypernetworks",
+    ("ApplyLinFusion", "weights"): "linfusion",
+}
+MODEL_FOLDER_BY_INPUT = {
+    "ckpt_name": "checkpoints", "lora_name": "loras", "vae_name": "vae", "control_net_name": "controlnet",
+    "unet_name": "diffusion_models", "clip_name": "text_encoders", "upscale_model": "upscale_models",
+}
+INPUT_FILE_NODES = {("LoadImage", "image"), ("LoadImageMask", "image"), ("LoadImageOutput", "image")}
+
+
+class WorkflowError(Exception):
+    """The workflow cannot be converted or run; the message says why and what to do."""
+
+
+class MissingModelError(WorkflowError):
+    """A file a workflow names is not on the server. `.missing`: list of MissingFile."""
+
+    def __init__(self, missing: list[MissingFile]) -> None:
+        self.missing = missing
+        super().__init__("\n".join(m.message() for m in missing))
+
+
+@dataclass
+class MissingFile:
+    node_id: str
+    node_type: str
+    input_name: str
+    filename: str
+    folder: str | None  # models folder name ("checkpoints"), "input" for input images, None if unknown
+    url: str | None = None
+
+    def message(self) -> str:
+        where = f"node {self.node_id} ({self.node_type}), input '{self.input_name}'"
+        if self.folder == "input":
+            return (f"Missing input file '{self.filename}' ({where}): copy it into ComfyUI's input folder, or pass "
+                    f"--input-file PATH to upload it, or pick another file with --set {self.node_id}.image=NAME.")
+        if self.folder is None:
+            return f"Missing file '{self.filename}' ({where}): the server does not offer it."
+        get = f"download it from {self.url} " if self.url else "download it "
+        return (f"Missing model '{self.filename}' ({where}): {get}into ComfyUI/models/{self.folder}/ "
+                f"(or a '{self.folder}:' folder of your extra_model_paths.yaml), then run again.")
+
+
+# -- reading workflows -------------------------------------------------------------------------
+def load_workflow(path: str | Path) -> dict:
+    """A workflow file as a dict (UI or API format); PNG files with an embedded workflow work too."""
+    path = Path(path)
+    data = path.read_bytes()
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        chunks = _png_text_chunks(data)
+        text = chunks.get("workflow") or chunks.get("prompt")
+        if text is None:
+            raise WorkflowError(f"{path}: this PNG carries no ComfyUI workflow")
+        return json.loads(text)
+    try:
+        return json.loads(data)
+    except ValueError as e:
+        raise WorkflowError(f"{path}: not a JSON workflow ({e})") from None
+
+
+def _png_text_chunks(data: bytes) -> dict[str, str]:
+    out, pos = {}, 8
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        body = data[pos + 8:pos + 8 + length]
+        if kind == b"tEXt" and b"\0" in body:
+            k, v = body.split(b"\0", 1)
+            out[k.decode("latin-1")] = v.decode("utf-8", errors="replace")
+        pos += 12 + length
+    return out
+
+
+def is_api_format(workflow: dict) -> bool:
+    return "nodes" not in workflow and bool(workflow) and all(
+        isinstance(v, dict) and "class_type" in v for v in workflow.values())
+
+
+def is_ui_format(workflow: dict) -> bool:
+    return isinstance(workflow.get("nodes"), list)
+
+
+# -- node definitions --------------------------------------------------------------------------
+def input_specs(info: dict) -> list[tuple[str, list, bool]]:
+    """(name, spec, required) of a node's inputs in the order the UI lays out its widgets."""
+    groups = info.get("input", {})
+    order = info.get("input_order") or {k: list(groups.get(k, {})) for k in ("required", "optional")}
+    out = []
+    for group in ("required", "optional"):
+        defs = groups.get(group, {}) or {}
+        for name in order.get(group, []):
+            if name in defs:
+                out.append((name, defs[name], group == "required"))
+    return out
+
+
+def spec_type(spec) -> str:
+    """The input's type name; 'COMBO' for a list of choices (old and new spellings)."""
+    t = spec[0] if isinstance(spec, (list, tuple)) and spec else spec
+    return "COMBO" if isinstance(t, list) else str(t)
+
+
+def spec_options(spec) -> dict:
+    return spec[1] if isinstance(spec, (list, tuple)) and len(spec) > 1 and isinstance(spec[1], dict) else {}
+
+
+def combo_choices(spec) -> list | None:
+    t = spec[0] if isinstance(spec, (list, tuple)) and spec else spec
+    if isinstance(t, list):
+        return t
+    if t == "COMBO":
+        return spec_options(spec).get("options")
+    return None
+
+
+def is_widget(spec) -> bool:
+    return spec_type(spec) in WIDGET_TYPES and not spec_options(spec).get("forceInput")
+
+
+def extra_widget_count(name: str, spec) -> int:
+    """Values the UI stores after this widget's own: 'control after generate' (+ its filter for
+    choices) and an upload button. Mirrors the frontend's widget constructors."""
+    opts, kind = spec_options(spec), spec_type(spec)
+    if kind == "INT":
+        control = opts.get("control_after_generate")
+        return 1 if (control if control is not None else name in ("seed", "noise_seed")) else 0
+    if kind == "COMBO":
+        return (2 if opts.get("control_after_generate") else 0) + (1 if any(opts.get(f) for f in UPLOAD_FLAGS) else 0)
+    return 0
+
+
+def widget_values(node: dict, info: dict) -> dict[str, Any]:
+    """Input name -> value of a UI node's widgets."""
+    values = node.get("widgets_values")
+    widgets = [(name, spec) for name, spec, _ in input_specs(info) if is_widget(spec)]
+    if values is None:
+        return {}
+    if isinstance(values, dict):  # some packs save widgets by name
+        return {n: values[n] for n, _ in widgets if n in values}
+    extras = [extra_widget_count(n, s) for n, s in widgets]
+    full = len(widgets) + sum(extras)
+    out, i = {}, 0
+    for (name, _spec), extra in zip(widgets, extras):
+        if i >= len(values):
+            break
+        out[name] = values[i]
+        i += 1
+        if len(values) >= full:
+            i += extra
+        elif extra and len(values) != len(widgets):  # an older layout: skip only what looks like an extra
+            while extra and i < len(values) and (values[i] in CONTROL_VALUES or values[i] in ("image", "")):
+                i += 1
+                extra -= 1
+    return out
+
+
+# -- UI -> API ---------------------------------------------------------------------------------
+@dataclass
+class _Link:
+    origin: str
+    origin_slot: int
+    target: str
+    target_slot: int
+    type: str
+
+
+def ui_links(workflow: dict) -> dict[int, _Link]:
+    out = {}
+    for link in workflow.get("links", []) or []:
+        if isinstance(link, dict):
+            out[link["id"]] = _Link(str(link["origin_id"]), link["origin_slot"], str(link["target_id"]),
+                                    link["target_slot"], link.get("type", "*"))
+        else:
+            lid, o, os_, t, ts, typ = link[:6]
+            out[lid] = _Link(str(o), os_, str(t), ts, typ)
+    return out
+
+
+def ui_to_api(workflow: dict, object_info: dict) -> dict:
+    """The API prompt the web UI would queue for a UI-format workflow."""
+    subgraphs = {sg.get("id") for sg in (workflow.get("definitions") or {}).get("subgraphs", [])}
+    nodes = {str(n["id"]): n for n in workflow["nodes"]}
+    links = ui_links(workflow)
+    prompt: dict[str, dict] = {}
+    for nid, node in nodes.items():
+        kind = node.get("type")
+        if kind in VIRTUAL_NODES or node.get("mode", 0) in (MODE_NEVER, MODE_BYPASS):
+            continue
+        if kind in subgraphs:
+            raise WorkflowError(f"node {nid} is a subgraph: open the workflow in ComfyUI and use "
+                                "'Export (API)', or unpack the subgraph, to run it here")
+        info = object_info.get(kind)
+        if info is None:
+            raise WorkflowError(f"node {nid} has type '{kind}', which this ComfyUI does not have: install the custom "
+                                "node pack that provides it (ComfyUI's log lists packs that failed to import)")
+        widgets = widget_values(node, info)
+        linked = {i["name"]: i["link"] for i in node.get("inputs", []) or [] if i.get("link") is not None}
+        inputs: dict[str, Any] = {}
+        for name, spec, _required in input_specs(info):
+            if name in linked:
+                source = _resolve(linked[name], links, nodes)
+                if source is not _NOTHING:
+                    inputs[name] = source
+            elif name in widgets and is_widget(spec):
+                inputs[name] = widgets[name]
+        prompt[nid] = {"class_type": kind, "inputs": inputs,
+                       "_meta": {"title": node.get("title") or info.get("display_name") or kind}}
+    return prompt
+
+
+_NOTHING = object()
+
+
+def _resolve(link_id, links: dict[int, _Link], nodes: dict[str, dict], depth: int = 0):
+    """What a link delivers in API terms: [node id, slot], a primitive's value, or _NOTHING."""
+    if depth > 100:
+        raise WorkflowError("a cycle of reroutes or bypassed nodes")
+    link = links.get(link_id)
+    src = nodes.get(link.origin) if link else None
+    if src is None:
+        return _NOTHING
+    kind, mode = src.get("type"), src.get("mode", 0)
+    if kind == "Reroute":
+        ins = src.get("inputs") or []
+        return _resolve(ins[0].get("link"), links, nodes, depth + 1) if ins else _NOTHING
+    if kind == "PrimitiveNode":
+        vals = src.get("widgets_values") or []
+        return vals[0] if vals else _NOTHING
+    if mode == MODE_NEVER:
+        return _NOTHING
+    if mode == MODE_BYPASS:  # the UI passes an input of the output's type through
+        outs = src.get("outputs") or []
+        want = outs[link.origin_slot].get("type") if link.origin_slot < len(outs) else None
+        ins = src.get("inputs") or []
+        same = ins[link.origin_slot] if link.origin_slot < len(ins) else None
+        pick = same if same is not None and same.get("type") == want else next(
+            (i for i in ins if i.get("type") == want), None)
+        if pick is None or pick.get("link") is None:
+            return _NOTHING
+        return _resolve(pick["link"], links, nodes, depth + 1)
+    return [str(src["id"]), link.origin_slot]
+
+
+def to_api(workflow: dict, object_info: dict) -> dict:
+    if is_api_format(workflow):
+        return json.loads(json.dumps(workflow))
+    if is_ui_format(workflow):
+        return ui_to_api(workflow, object_info)
+    raise WorkflowError("neither a UI workflow (nodes/links) nor an API prompt (node id -> class_type/inputs)")
+
+
+# -- changing a prompt -------------------------------------------------------------------------
+def parse_value(text: str):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def apply_sets(prompt: dict, sets: list[str]) -> list[str]:
+    """--set [NODE.]INPUT=VALUE: NODE is a node id, title or class type; without it, every node
+    with that input. VALUE is JSON (numbers, true/false) or plain text. Returns what changed."""
+    changes = []
+    for item in sets:
+        if "=" not in item:
+            raise WorkflowError(f"--set {item!r}: use [NODE.]INPUT=VALUE")
+        key, raw = item.split("=", 1)
+        node_sel, _, name = key.rpartition(".")
+        value = parse_value(raw)
+        hits = [nid for nid, n in prompt.items()
+                if name in n["inputs"] and not isinstance(n["inputs"][name], list)
+                and (not node_sel or node_sel in (nid, n["class_type"], n.get("_meta", {}).get("title")))]
+        if not hits:
+            raise WorkflowError(f"--set {item!r}: no node {'matching ' + repr(node_sel) + ' ' if node_sel else ''}"
+                                f"has a widget input '{name}'")
+        for nid in hits:
+            old = prompt[nid]["inputs"][name]
+            prompt[nid]["inputs"][name] = value
+            changes.append(f"node {nid} ({prompt[nid]['class_type']}) {name}: {old!r} -> {value!r}")
+    return changes
+
+
+def scale_pixel_sizes(prompt: dict, factor: float, object_info: dict | None = None) -> list[str]:
+    """Multiply every pixel size a prompt sets by `factor`, rounded to a multiple of 8 and kept
+    within the input's range. 0 (= automatic) and linked values stay. Returns what changed."""
+    changes = []
+    for nid, node in prompt.items():
+        specs = {}
+        if object_info and node["class_type"] in object_info:
+            specs = {n: s for n, s, _ in input_specs(object_info[node["class_type"]])}
+        for name in PIXEL_SIZE_INPUTS & set(node["inputs"]):
+            v = node["inputs"][name]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+                continue
+            opts = spec_options(specs.get(name, ["INT", {}]))
+            lo, hi = opts.get("min", 0), opts.get("max", 1 << 20)
+            new = int(min(max(max(8, round(v * factor / 8) * 8), lo), hi))
+            if new != v:
+                node["inputs"][name] = new
+                changes.append(f"node {nid} ({node['class_type']}) {name}: {v} -> {new}")
+    return changes
+
+
+# -- checking files ----------------------------------------------------------------------------
+def model_urls(workflow: dict) -> dict[str, tuple[str | None, str | None]]:
+    """filename -> (folder, url) from the workflow's own model list (node `properties.models`
+    entries and a top-level `models` list, as ComfyUI's templates carry)."""
+    out = {}
+    entries = list(workflow.get("models", []) or []) if isinstance(workflow.get("models"), list) else []
+    for node in workflow.get("nodes", []) or []:
+        entries += (node.get("properties") or {}).get("models", []) or []
+    for m in entries:
+        if isinstance(m, dict) and m.get("name"):
+            out[m["name"]] = (m.get("directory"), m.get("url"))
+    return out
+
+
+def missing_files(prompt: dict, object_info: dict, workflow: dict | None = None) -> list[MissingFile]:
+    """Choices a prompt makes that the server does not offer, for inputs that name files."""
+    known = model_urls(workflow or {})
+    out = []
+    for nid, node in prompt.items():
+        kind = node["class_type"]
+        info = object_info.get(kind)
+        if info is None:
+            continue
+        for name, spec, _ in input_specs(info):
+            value = node["inputs"].get(name)
+            choices = combo_choices(spec)
+            if not isinstance(value, str) or choices is None or value in choices:
+                continue
+            folder, url = known.get(value, (None, None))
+            if (kind, name) in INPUT_FILE_NODES or any(spec_options(spec).get(f) for f in UPLOAD_FLAGS):
+                folder = "input"
+            folder = folder or MODEL_FOLDER_BY_NODE_INPUT.get((kind, name)) or MODEL_FOLDER_BY_INPUT.get(name)
+            if folder is None and not _looks_like_file(value):
+                continue  # an ordinary choice: ComfyUI's validation reports it
+            out.append(MissingFile(nid, kind, name, value, folder, url))
+    return out
+
+
+def _looks_like_file(value: str) -> bool:
+    return Path(value).suffix.lower() in {".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".gguf", ".sft", ".png",
+                                          ".jpg", ".jpeg", ".webp"}
+
+
+# -- a minimal websocket client (stdlib only) ---------------------------------------------------
+class WebSocket:
+    """Reads ComfyUI's /ws messages: text frames as JSON, binary frames (previews) skipped."""
+
+    def __init__(self, url: str, timeout: float = 10.0) -> None:
+        u = urllib.parse.urlsplit(url)
+        port = u.port or (443 if u.scheme == "wss" else 80)
+        sock = socket.create_connection((u.hostname, port), timeout=timeout)
+        if u.scheme == "wss":
+            sock = ssl.create_default_context().wrap_socket(sock, server_hostname=u.hostname)
+        key = base64.b64encode(os.urandom(16)).decode()
+        path = u.path + ("?" + u.query if u.query else "")
+        sock.sendall((f"GET {path} HTTP/1.1\r\nHost: {u.hostname}:{port}\r\nUpgrade: websocket\r\n"
+                      f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = sock.recv(4096)
+            if not chunk:
+                raise OSError("websocket handshake: connection closed")
+            head += chunk
+        status = head.split(b"\r\n", 1)[0]
+        if b" 101 " not in status + b" ":
+            raise OSError(f"websocket handshake refused: {status.decode(errors='replace')}")
+        self.sock = sock
+        self.buf = head.split(b"\r\n\r\n", 1)[1]
+
+    def _read(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            chunk = self.sock.recv(max(65536, n - len(self.buf)))
+            if not chunk:
+                raise ConnectionError("websocket closed")
+            self.buf += chunk
+        out, self.buf = self.buf[:n], self.buf[n:]
+        return out
+
+    def _send(self, opcode: int, payload: bytes = b"") -> None:
+        mask = os.urandom(4)
+        head = bytes([0x80 | opcode])
+        n = len(payload)
+        head += bytes([0x80 | n]) if n < 126 else (bytes([0x80 | 126]) + struct.pack(">H", n))
+        self.sock.sendall(head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+
+    def receive(self, timeout: float) -> dict | None:
+        """The next JSON message, or None when nothing arrives within `timeout` seconds."""
+        self.sock.settimeout(timeout)
+        data, kind = b"", None
+        try:
+            while True:
+                b0, b1 = self._read(2)
+                opcode, fin = b0 & 0x0F, b0 & 0x80
+                n = b1 & 0x7F
+                if n == 126:
+                    n = struct.unpack(">H", self._read(2))[0]
+                elif n == 127:
+                    n = struct.unpack(">Q", self._read(8))[0]
+                mask = self._read(4) if b1 & 0x80 else None
+                payload = self._read(n)
+                if mask:
+                    payload = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+                if opcode == 0x8:
+                    raise ConnectionError("websocket closed by the server")
+                if opcode == 0x9:
+                    self._send(0xA, payload)
+                    continue
+                if opcode in (0x1, 0x2):
+                    kind, data = opcode, payload
+                elif opcode == 0x0:
+                    data += payload
+                if fin and kind is not None:
+                    if kind == 0x1:
+                        return json.loads(data.decode())
+                    data, kind = b"", None  # a preview image
+        except TimeoutError:
+            return None
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._send(0x8)
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
+# -- talking to a server -----------------------------------------------------------------------
+class ComfyClient:
+    def __init__(self, url: str, timeout: float = 60.0) -> None:
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+        self.client_id = uuid.uuid4().hex
+        self._http = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: no proxy
+        self._object_info: dict | None = None
+
+    def request(self, path: str, data: Any = None, raw: bool = False, timeout: float | None = None,
+                headers: dict | None = None):
+        body = data if isinstance(data, bytes) or data is None else json.dumps(data).encode()
+        hdrs = dict(headers or {})
+        if body is not None and "Content-Type" not in hdrs:
+            hdrs["Content-Type"] = "application/json"
+        req = urllib.request.Request(self.url + path, data=body, headers=hdrs)
+        with self._http.open(req, timeout=timeout or self.timeout) as r:
+            content = r.read()
+        return content if raw else json.loads(content.decode() or "null")
+
+    def object_info(self, refresh: bool = False) -> dict:
+        if self._object_info is None or refresh:
+            self._object_info = self.request("/object_info")
+        return self._object_info
+
+    def queue(self, prompt: dict, workflow: dict | None = None) -> str:
+        body = {"prompt": prompt, "client_id": self.client_id}
+        if workflow is not None and is_ui_format(workflow):  # saved into the PNGs, as the UI does
+            body["extra_data"] = {"extra_pnginfo": {"workflow": workflow}}
+        try:
+            return self.request("/prompt", body)["prompt_id"]
+        except urllib.error.HTTPError as e:
+            text = e.read().decode(errors="replace")
+            try:
+                payload = json.loads(text)
+            except ValueError:
+                raise WorkflowError(f"POST /prompt: HTTP {e.code}: {text[:2000]}") from None
+            raise WorkflowError(describe_rejection(payload, prompt)) from None
+
+    def upload(self, path: Path) -> str:
+        boundary = uuid.uuid4().hex
+        body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{path.name}\"\r\n"
+                f"Content-Type: application/octet-stream\r\n\r\n").encode() + path.read_bytes() + (
+                f"\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"overwrite\"\r\n\r\ntrue\r\n"
+                f"--{boundary}--\r\n").encode()
+        out = self.request("/upload/image", body, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        return "/".join(p for p in (out.get("subfolder"), out["name"]) if p)
+
+    def history(self, prompt_id: str) -> dict | None:
+        return self.request(f"/history/{prompt_id}").get(prompt_id)
+
+    def download(self, item: dict) -> bytes:
+        query = urllib.parse.urlencode({"filename": item["filename"], "subfolder": item.get("subfolder", ""),
+                                        "type": item.get("type", "output")})
+        return self.request(f"/view?{query}", raw=True)
+
+    def interrupt(self) -> None:
+        with contextlib.suppress(OSError, urllib.error.URLError):
+            self.request("/interrupt", {})
+
+    def websocket(self) -> WebSocket | None:
+        u = urllib.parse.urlsplit(self.url)
+        scheme = "wss" if u.scheme == "https" else "ws"
+        try:
+            return WebSocket(f"{scheme}://{u.netloc}{u.path}/ws?clientId={self.client_id}")
+        except OSError:
+            return None
+
+
+def describe_rejection(payload: dict, prompt: dict) -> str:
+    """ComfyUI's HTTP 400 answer as readable lines: which node, which input, what is wrong."""
+    err = payload.get("error") or {}
+    lines = [f"ComfyUI rejected the prompt: {err.get('message', '')} {err.get('details', '')}".rstrip()]
+    for nid, ne in (payload.get("node_errors") or {}).items():
+        kind = ne.get("class_type") or prompt.get(nid, {}).get("class_type", "?")
+        for e in ne.get("errors", []):
+            lines.append(f"  node {nid} ({kind}): {e.get('message', '')}: {e.get('details', '')}")
+    return "\n".join(lines)
+
+
+# -- running with progress ---------------------------------------------------------------------
+@dataclass
+class RunResult:
+    prompt_id: str
+    history: dict
+    seconds: float
+    saved: list[Path] = field(default_factory=list)
+    sizes: dict[Path, tuple[int, int]] = field(default_factory=dict)
+
+
+class Progress:
+    """One status line: rewritten in place on a terminal, a line per change (throttled) otherwise."""
+
+    def __init__(self, prompt: dict, stream=sys.stderr, quiet: bool = False) -> None:
+        self.prompt, self.stream, self.quiet = prompt, stream, quiet
+        self.tty = stream.isatty()
+        self.t0 = time.monotonic()
+        self.node: str | None = None
+        self.last_print = 0.0
+        self.last_text = ""
+
+    def _label(self, nid: str | None) -> str:
+        if nid is None:
+            return ""
+        n = self.prompt.get(str(nid), {})
+        title = n.get("_meta", {}).get("title") or n.get("class_type", "?")
+        return f"node {nid} {title}"
+
+    def show(self, text: str, force: bool = False) -> None:
+        if self.quiet:
+            return
+        line = f"[{time.monotonic() - self.t0:7.1f} s] {text}"
+        now = time.monotonic()
+        if self.tty:
+            self.stream.write("\r\x1b[2K" + line[:200])
+            self.stream.flush()
+        elif text != self.last_text and (force or now - self.last_print >= 2.0):
+            self.stream.write(line + "\n")
+            self.stream.flush()
+            self.last_print = now
+            self.last_text = text
+
+    def done(self, text: str) -> None:
+        if self.quiet:
+            return
+        if self.tty:
+            self.stream.write("\r\x1b[2K")
+        self.show(text, force=True)
+        if self.tty:
+            self.stream.write("\n")
+
+    def event(self, msg: dict) -> None:
+        kind, data = msg.get("type"), msg.get("data") or {}
+        if kind == "execution_start":
+            self.show("started", force=True)
+        elif kind == "execution_cached" and data.get("nodes"):
+            self.show(f"{len(data['nodes'])} node(s) cached", force=True)
+        elif kind == "executing" and data.get("node") is not None:
+            self.node = str(data["node"])
+            self.show(self._label(self.node), force=True)
+        elif kind == "progress":
+            value, total = data.get("value", 0), max(1, data.get("max", 1))
+            bar = "#" * int(20 * value / total)
+            self.show(f"{self._label(data.get('node') or self.node)} [{bar:<20}] {value}/{total}", force=value == total)
+
+
+def run_prompt(client: ComfyClient, prompt: dict, workflow: dict | None = None, timeout: float | None = None,
+               quiet: bool = False) -> RunResult:
+    """Queue a prompt, show its progress, wait for it; raise WorkflowError with ComfyUI's message if it fails."""
+    progress = Progress(prompt, quiet=quiet)
+    ws = client.websocket()  # before queueing, so that no event is missed
+    t0 = time.monotonic()
+    try:
+        prompt_id = client.queue(prompt, workflow)
+        progress.show(f"queued as {prompt_id}" + ("" if ws else " (no websocket: polling)"), force=True)
+        while True:
+            if timeout is not None and time.monotonic() - t0 > timeout:
+                client.interrupt()
+                raise WorkflowError(f"prompt {prompt_id} did not finish within {timeout:.0f} s (interrupted)")
+            if ws is not None:
+                try:
+                    msg = ws.receive(timeout=1.0)
+                except (OSError, ConnectionError, ValueError):
+                    ws = None
+                    msg = None
+                if msg is not None:
+                    data = msg.get("data") or {}
+                    if data.get("prompt_id") not in (None, prompt_id):
+                        continue
+                    progress.event(msg)
+                    if msg.get("type") not in ("execution_success", "execution_error", "execution_interrupted") and \
+                            not (msg.get("type") == "executing" and data.get("node") is None
+                                 and data.get("prompt_id") == prompt_id):
+                        continue
+            else:
+                time.sleep(0.5)
+            entry = client.history(prompt_id)
+            if entry is None or entry.get("status", {}).get("completed") is None and \
+                    entry.get("status", {}).get("status_str") is None:
+                continue
+            status = entry.get("status", {})
+            if status.get("status_str") == "success" or (status.get("completed") and not status.get("status_str")):
+                seconds = time.monotonic() - t0
+                progress.done(f"finished in {seconds:.1f} s")
+                return RunResult(prompt_id, entry, seconds)
+            details = next((m[1] for m in status.get("messages", []) if m[0] == "execution_error"), {})
+            if details:
+                raise WorkflowError(f"node {details.get('node_id')} ({details.get('node_type')}) failed: "
+                                    f"{details.get('exception_type')}: {details.get('exception_message')}")
+            raise WorkflowError(f"prompt {prompt_id} did not complete: {status}")
+    finally:
+        if ws is not None:
+            ws.close()
+
+
+def output_items(history: dict, include_temp: bool = False) -> list[dict]:
+    """File entries ({filename, subfolder, type}) the prompt's nodes reported, in node order."""
+    items = []
+    for node_out in history.get("outputs", {}).values():
+        for values in node_out.values():
+            if not isinstance(values, list):
+                continue
+            for item in values:
+                if isinstance(item, dict) and "filename" in item and (
+                        item.get("type", "output") == "output" or include_temp):
+                    items.append(item)
+    return items
+
+
+def image_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) of a PNG from its header; None for other formats."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR":
+        return struct.unpack(">II", data[16:24])
+    return None
+
+
+def save_outputs(client: ComfyClient, result: RunResult, folder: Path, include_temp: bool = False) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for item in output_items(result.history, include_temp):
+        data = client.download(item)
+        target = folder / item.get("subfolder", "") / item["filename"]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+        result.saved.append(target)
+        size = image_size(data)
+        if size:
+            result.sizes[target] = size
+
+
+# -- a local ComfyUI -----------------------------------------------------------------------------
+def default_comfyui() -> Path | None:
+    env = os.environ.get("COMFYUI_PATH")
+    if env:
+        return Path(env)
+    marker = Path(os.environ.get("LINFUSION_DEV", REPO / ".dev")) / "comfyui_path"
+    return Path(marker.read_text().strip()) if marker.is_file() else None
+
+
+def default_python(comfyui: Path) -> str:
+    """The dev venv's interpreter when it exists (it has ComfyUI's requirements), else this one."""
+    venv = Path(os.environ.get("LINFUSION_DEV", REPO / ".dev")) / "venv" / "bin" / "python"
+    return str(venv) if venv.is_file() else sys.executable
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalComfyUI:
+    """A ComfyUI process on 127.0.0.1 with this pack loaded, for the lifetime of a `with` block.
+
+    The pack is added through an extra model paths file (a `custom_nodes` folder holding a link
+    to this repository) unless the ComfyUI's own custom_nodes already has it. `extra_model_paths`
+    are passed on, in order; `args` go to ComfyUI's main.py as they are (e.g. --output-directory).
+    """
+
+    def __init__(self, comfyui: Path | None = None, python: str | None = None, workdir: Path | None = None,
+                 extra_model_paths: list[Path] | None = None, args: list[str] | None = None,
+                 cpu: bool | None = None, start_timeout: float = 180.0, env: dict[str, str] | None = None) -> None:
+        self.comfyui = Path(comfyui) if comfyui else default_comfyui()
+        if self.comfyui is None or not (self.comfyui / "main.py").is_file():
+            raise WorkflowError(f"no ComfyUI at {self.comfyui}: pass --comfyui PATH, set COMFYUI_PATH, "
+                                "run scripts/dev_setup.sh, or give --server URL")
+        self.python = python or default_python(self.comfyui)
+        self._tmp = None if workdir else tempfile.mkdtemp(prefix="linfusion-run-")
+        self.workdir = Path(workdir or self._tmp)
+        self.extra_model_paths = [Path(p) for p in extra_model_paths or []]
+        self.args = list(args or [])
+        self.cpu = cpu
+        self.start_timeout = start_timeout
+        self.env = dict(env or {})
+        self.port = 0
+        self.proc: subprocess.Popen | None = None
+        self.log_path = self.workdir / "comfyui.log"
+        self.start_seconds: float | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _pack_installed(self) -> bool:
+        folder = self.comfyui / "custom_nodes"
+        return folder.is_dir() and any(p.resolve() == REPO for p in folder.iterdir() if p.is_dir())
+
+    def command(self) -> list[str]:
+        cmd = [self.python, str(self.comfyui / "main.py"), "--listen", "127.0.0.1", "--port", str(self.port),
+               "--disable-auto-launch"]
+        cpu = self.cpu
+        if cpu is None:
+            probe = subprocess.run([self.python, "-c", "import torch,sys; sys.exit(0 if torch.cuda.is_available() "
+                                    "else 1)"], capture_output=True)
+            cpu = probe.returncode != 0
+        if cpu:
+            cmd.append("--cpu")
+        yamls = list(self.extra_model_paths)
+        if not self._pack_installed():
+            nodes_dir = self.workdir / "custom_nodes"
+            nodes_dir.mkdir(parents=True, exist_ok=True)
+            link = nodes_dir / PACK_NAME
+            if not link.is_symlink():
+                link.symlink_to(REPO, target_is_directory=True)
+            pack_yaml = self.workdir / "linfusion_pack.yaml"
+            pack_yaml.write_text(f"linfusion_pack:\n  custom_nodes: {json.dumps(str(nodes_dir))}\n")
+            yamls.insert(0, pack_yaml)
+        for y in yamls:
+            cmd += ["--extra-model-paths-config", str(y)]
+        return cmd + self.args
+
+    def start(self) -> LocalComfyUI:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = _free_port()
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "DO_NOT_TRACK": "1", **self.env}
+        t0 = time.monotonic()
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(self.command(), cwd=str(self.workdir), env=env, stdout=log,
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         start_new_session=True)
+        client = ComfyClient(self.url, timeout=2)
+        while True:
+            if self.proc.poll() is not None:
+                raise WorkflowError(f"ComfyUI exited with code {self.proc.returncode} while starting.\n"
+                                    f"{self.log_tail()}")
+            try:
+                client.request("/system_stats")
+                break
+            except (OSError, urllib.error.URLError, ValueError):
+                pass
+            if time.monotonic() - t0 > self.start_timeout:
+                self.close()
+                raise WorkflowError(f"ComfyUI did not answer within {self.start_timeout:.0f} s.\n{self.log_tail()}")
+            time.sleep(0.25)
+        self.start_seconds = time.monotonic() - t0
+        return self
+
+    def close(self, keep_log: bool = False) -> None:
+        """Stop the server (SIGTERM, then SIGKILL after 20 s). The temporary folder made for it
+        goes too, unless `keep_log` (then its log stays at `log_path`)."""
+        p, self.proc = self.proc, None
+        if p is not None and p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(timeout=20)
+        if self._tmp and not keep_log:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            tail = self.log_path.read_text(errors="replace").splitlines()[-lines:]
+        except OSError:
+            return ""
+        return f"--- ComfyUI log ({self.log_path}) ---\n" + "\n".join(tail)
+
+    def __enter__(self) -> LocalComfyUI:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# -- the command -------------------------------------------------------------------------------
+def prepare(workflow: dict, object_info: dict, scale: float | None = None, sets: list[str] | None = None,
+            log=print) -> dict:
+    """Convert, apply --set and --scale, check files. Returns the API prompt."""
+    prompt = to_api(workflow, object_info)
+    for line in apply_sets(prompt, sets or []):
+        log(f"  set {line}")
+    if scale is not None and scale != 1:
+        for line in scale_pixel_sizes(prompt, scale, object_info):
+            log(f"  scaled {line}")
+    missing = missing_files(prompt, object_info, workflow)
+    if missing:
+        raise MissingModelError(missing)
+    return prompt
+
+
+def _parse_scale(text: str) -> float:
+    if "/" in text:
+        a, b = text.split("/", 1)
+        return float(a) / float(b)
+    return float(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="Exit codes: 0 done, 1 a run failed, 2 a model or input file is missing, "
+                                        "3 the workflow cannot be converted or ComfyUI rejected it.")
+    ap.add_argument("workflows", nargs="+", type=Path, help="workflow files (UI or API JSON, or a ComfyUI PNG)")
+    ap.add_argument("--server", help="URL of a running ComfyUI (default: start one)")
+    ap.add_argument("--comfyui", type=Path, help="ComfyUI folder to start (default: $COMFYUI_PATH or the dev copy)")
+    ap.add_argument("--python", help="interpreter for the started ComfyUI (default: .dev/venv's, else this one)")
+    ap.add_argument("--extra-model-paths-config", type=Path, action="append", default=[], metavar="YAML",
+                    help="passed to the started ComfyUI (repeatable): where your models are")
+    ap.add_argument("--comfyui-arg", action="append", default=[], metavar="ARG",
+                    help="extra argument for the started ComfyUI's main.py (repeatable), e.g. --comfyui-arg=--lowvram")
+    ap.add_argument("--output", "-o", type=Path, default=Path("workflow-outputs"),
+                    help="folder for the outputs (one subfolder per workflow; default: %(default)s)")
+    ap.add_argument("--scale", type=_parse_scale, metavar="F",
+                    help="multiply every pixel size the workflow sets by F (e.g. 0.25 or 1/8) for quick CPU runs")
+    ap.add_argument("--set", action="append", default=[], metavar="[NODE.]INPUT=VALUE",
+                    help="change an input before running (NODE: id, title or class; default: every node with it)")
+    ap.add_argument("--input-file", action="append", default=[], type=Path, metavar="PATH",
+                    help="upload a file into the server's input folder first (e.g. the image a LoadImage names)")
+    ap.add_argument("--api-out", type=Path, metavar="FILE",
+                    help="write the converted API prompt here (with one workflow) and exit without running")
+    ap.add_argument("--timeout", type=float, help="seconds per workflow before it is interrupted")
+    ap.add_argument("--previews", action="store_true", help="also save preview (temp) images")
+    ap.add_argument("--quiet", "-q", action="store_true", help="no progress lines")
+    a = ap.parse_args(argv)
+
+    def log(msg: str) -> None:
+        if not a.quiet:
+            print(msg, file=sys.stderr, flush=True)
+
+    workflows = []
+    for path in a.workflows:
+        try:
+            workflows.append((path, load_workflow(path)))
+        except (OSError, WorkflowError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 3
+    server = None
+    code = 0
+    try:
+        if a.server:
+            client = ComfyClient(a.server)
+        else:
+            log("starting ComfyUI ...")
+            server = LocalComfyUI(a.comfyui, a.python, extra_model_paths=a.extra_model_paths_config,
+                                  args=a.comfyui_arg).start()
+            log(f"ComfyUI ready at {server.url} in {server.start_seconds:.1f} s")
+            client = ComfyClient(server.url)
+        object_info = client.object_info()
+        for f in a.input_file:
+            log(f"uploaded {f} as {client.upload(f)}")
+        for path, wf in workflows:
+            log(f"{path}:")
+            try:
+                prompt = prepare(wf, object_info, a.scale, a.set, log)
+            except MissingModelError as e:
+                print(f"error: {path}:\n{e}", file=sys.stderr)
+                code = max(code, 2)
+                continue
+            except WorkflowError as e:
+                print(f"error: {path}: {e}", file=sys.stderr)
+                code = max(code, 3)
+                continue
+            if a.api_out:
+                a.api_out.write_text(json.dumps(prompt, indent=2))
+                log(f"  API prompt written to {a.api_out}")
+                continue
+            try:
+                result = run_prompt(client, prompt, wf, a.timeout, quiet=a.quiet)
+            except WorkflowError as e:
+                print(f"error: {path}: {e}", file=sys.stderr)
+                code = max(code, 3 if "rejected" in str(e) else 1)
+                continue
+            save_outputs(client, result, a.output / path.stem, a.previews)
+            for p in result.saved:
+                size = result.sizes.get(p)
+                print(f"{p}" + (f"  {size[0]}x{size[1]}" if size else ""))
+            if not result.saved:
+                log("  (no output files)")
+        return code
+    except (OSError, urllib.error.URLError, WorkflowError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        if server is not None:
+            print(server.log_tail(), file=sys.stderr)
+        code = 1
+        return code
+    except KeyboardInterrupt:
+        code = 130
+        return code
+    finally:
+        if server is not None:
+            server.close(keep_log=code == 1)
+            if code == 1:
+                print(f"ComfyUI's log: {server.log_path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

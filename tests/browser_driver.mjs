@@ -1,0 +1,157 @@
+// Drives ComfyUI's web UI in headless Chromium for tests/test_browser.py.
+//
+//   node tests/browser_driver.mjs < job.json > result.json
+//
+// job: {url, chromium, playwright (path of the playwright-core package), out (folder for
+//       screenshots), templates: {pack, names: [...]}, queue: {name, widgets: {nodeId: {widget: value}}}}
+// For every template: fetch it the way the UI's template browser does, app.loadGraphData it,
+// and report the nodes the UI knows (type, has_errors, registered), the ones inside the
+// visible canvas after fitting the view, any dialog shown, the graph as the UI serializes it
+// and the API prompt the UI would queue (app.graphToPrompt). Then load `queue.name`, set the
+// given widget values, queue it from the page with app.queuePrompt and wait for the
+// `executed` event; the reported image is loaded in the page (<img>) to get its real size.
+// Everything goes to stdout as one JSON object; progress lines go to stderr.
+import { createRequire } from 'node:module';
+import fs from 'node:fs';
+import path from 'node:path';
+
+const job = JSON.parse(fs.readFileSync(0, 'utf8'));
+const require = createRequire(import.meta.url);
+const { chromium } = require(job.playwright);
+const log = (...a) => console.error('[browser]', ...a);
+const t0 = Date.now();
+const result = { templates: {}, console_errors: [], timings: {} };
+
+const browser = await chromium.launch({
+  executablePath: job.chromium,
+  headless: true,
+  args: ['--no-sandbox', '--disable-gpu', '--no-first-run', '--disable-background-networking',
+         '--disable-component-update', '--disable-sync', '--disable-dev-shm-usage'],
+});
+result.timings.launch_s = (Date.now() - t0) / 1000;
+try {
+  const context = await browser.newContext({ viewport: { width: 1600, height: 1000 } });
+  await context.addInitScript(() => { localStorage.setItem('vueNodesBannerDismissed', 'true'); });
+  const page = await context.newPage();
+  page.on('console', (m) => { if (m.type() === 'error') result.console_errors.push(m.text()); });
+  page.on('pageerror', (e) => result.console_errors.push(`pageerror: ${e.message}`));
+
+  await page.goto(job.url, { waitUntil: 'domcontentloaded' });
+  await page.waitForFunction(() => window.app && window.app.graph && window.app.canvas && window.LiteGraph &&
+    Object.keys(window.LiteGraph.registered_node_types).length > 50 &&
+    window.app.extensionManager?.workflow?.activeWorkflow, null, { timeout: 90000 });
+  result.timings.page_ready_s = (Date.now() - t0) / 1000;
+  log(`page ready after ${result.timings.page_ready_s} s`);
+
+  result.template_index = await page.evaluate(async () => (await fetch('/api/workflow_templates')).json());
+
+  for (const name of job.templates.names) {
+    const t1 = Date.now();
+    const r = await page.evaluate(async ({ pack, name }) => {
+      const app = window.app, LG = window.LiteGraph;
+      const res = await fetch(`/api/workflow_templates/${encodeURIComponent(pack)}/${encodeURIComponent(name)}.json`);
+      if (!res.ok) return { fetch_status: res.status };
+      const json = await res.json();
+      await app.loadGraphData(json, true, true, name);
+      await new Promise((ok) => setTimeout(ok, 300));
+      const canvas = app.canvas;
+      // Fit everything into view, then check each node's box against the visible area.
+      const nodes = app.graph.nodes;
+      let x0 = Infinity, y0 = Infinity, x1 = -Infinity, y1 = -Infinity;
+      for (const n of nodes) {
+        x0 = Math.min(x0, n.pos[0]); y0 = Math.min(y0, n.pos[1] - LG.NODE_TITLE_HEIGHT);
+        x1 = Math.max(x1, n.pos[0] + n.size[0]); y1 = Math.max(y1, n.pos[1] + n.size[1]);
+      }
+      const w = canvas.canvas.width, h = canvas.canvas.height;
+      // margins: the sidebar (left) and the tab bar (top) lie over the canvas element
+      const scale = Math.min((w - 120) / (x1 - x0), (h - 120) / (y1 - y0));
+      canvas.ds.scale = scale;
+      canvas.ds.offset = [-x0 + 90 / scale, -y0 + 80 / scale];
+      canvas.setDirty(true, true);
+      canvas.draw(true, true);
+      const visible = nodes.filter((n) => {
+        const [sx, sy] = canvas.ds.convertOffsetToCanvas([n.pos[0], n.pos[1]]);
+        const [ex, ey] = canvas.ds.convertOffsetToCanvas([n.pos[0] + n.size[0], n.pos[1] + n.size[1]]);
+        return sx >= -1 && sy >= -1 && ex <= w + 1 && ey <= h + 1;
+      }).map((n) => n.id);
+      const dialogs = [...document.querySelectorAll('.p-dialog')].map((d) => ({
+        label: d.getAttribute('aria-labelledby'), text: d.innerText.slice(0, 300) }));
+      const prompt = await app.graphToPrompt();
+      return {
+        fetch_status: res.status,
+        file_node_ids: json.nodes.map((n) => n.id),
+        nodes: nodes.map((n) => ({ id: n.id, type: n.type, has_errors: !!n.has_errors,
+                                   registered: n.type in LG.registered_node_types })),
+        visible,
+        canvas_graph_is_app_graph: canvas.graph === app.graph,
+        dialogs,
+        serialized: app.graph.serialize(),
+        api: prompt.output,
+      };
+    }, { pack: job.templates.pack, name });
+    r.seconds = (Date.now() - t1) / 1000;
+    result.templates[name] = r;
+    await page.screenshot({ path: path.join(job.out, `${name}.png`) });
+    // Close any dialog before the next load.
+    await page.keyboard.press('Escape');
+    log(`${name}: ${r.nodes ? r.nodes.length : 0} nodes, ${r.dialogs ? r.dialogs.length : 0} dialogs, ${r.seconds} s`);
+  }
+
+  if (job.queue) {
+    const t2 = Date.now();
+    const q = await page.evaluate(async ({ pack, name, widgets, timeout }) => {
+      const app = window.app, api = app.api;
+      const json = await (await fetch(`/api/workflow_templates/${encodeURIComponent(pack)}/${encodeURIComponent(name)}.json`)).json();
+      await app.loadGraphData(json, true, true, name);
+      const changed = [];
+      for (const [id, values] of Object.entries(widgets)) {
+        const node = app.graph.getNodeById(Number(id));
+        for (const [wname, value] of Object.entries(values)) {
+          const w = node.widgets.find((x) => x.name === wname);
+          if (!w) throw new Error(`node ${id} has no widget ${wname}`);
+          w.value = value;
+          w.callback?.(value);
+          changed.push(`${id}.${wname}=${value}`);
+        }
+      }
+      const events = [];
+      const done = new Promise((resolve) => {
+        const timer = setTimeout(() => resolve('timeout'), timeout);
+        const on = (type) => api.addEventListener(type, (e) => {
+          events.push({ type, detail: e.detail });
+          if (type !== 'executed') { clearTimeout(timer); resolve(type); }
+        });
+        on('executed'); on('execution_success'); on('execution_error'); on('execution_interrupted');
+      });
+      await app.queuePrompt(0, 1);
+      const outcome = await done;
+      const images = events.filter((e) => e.type === 'executed')
+        .flatMap((e) => (e.detail.output?.images || []).map((im) => ({ node: e.detail.node, ...im })));
+      // Show each image as the UI serves it and measure it.
+      const shown = [];
+      for (const im of images) {
+        const url = `/api/view?filename=${encodeURIComponent(im.filename)}&subfolder=${encodeURIComponent(im.subfolder || '')}&type=${im.type}`;
+        const img = document.createElement('img');
+        img.id = `linfusion-test-output-${shown.length}`;
+        img.style = 'position:fixed;right:8px;bottom:8px;z-index:99999;max-width:300px;border:3px solid lime';
+        await new Promise((ok, bad) => { img.onload = ok; img.onerror = () => bad(new Error(`cannot load ${url}`)); img.src = url; document.body.appendChild(img); });
+        shown.push({ ...im, natural: [img.naturalWidth, img.naturalHeight] });
+      }
+      const prompt_id = events.find((e) => e.detail?.prompt_id)?.detail.prompt_id;
+      return { outcome, changed, images: shown, prompt_id,
+               error: events.find((e) => e.type === 'execution_error')?.detail };
+    }, { pack: job.templates.pack, name: job.queue.name, widgets: job.queue.widgets, timeout: job.queue.timeout_ms });
+    q.seconds = (Date.now() - t2) / 1000;
+    if (q.images.length) {
+      await page.locator('#linfusion-test-output-0').waitFor({ state: 'visible', timeout: 10000 });
+    }
+    await page.waitForTimeout(500);
+    await page.screenshot({ path: path.join(job.out, 'queued_run.png') });
+    result.queue = q;
+    log(`queued run: ${q.outcome}, ${q.images.length} image(s), ${q.seconds} s`);
+  }
+} finally {
+  await browser.close();
+  result.timings.total_s = (Date.now() - t0) / 1000;
+  process.stdout.write(JSON.stringify(result));
+}
