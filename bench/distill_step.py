@@ -12,6 +12,7 @@ step (which also creates AdamW's state), then measures a second step. Reported p
   step         wall time of the measured step
   first step   wall time of the warm-up step
   step peak    resident-memory high-water mark during the step, above the resident size before it
+               (freed heap memory is handed back first, with malloc_trim)
   total peak   the process's resident high-water mark: everything a run holds (UNet, LinFusion
                layers, gradients, optimizer state, activations)
 
@@ -21,6 +22,7 @@ Writes bench/out/distill_step.json.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import sys
 import time
@@ -45,6 +47,14 @@ def _kib(field: str) -> int:
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _trim_heap() -> None:
+    """Hand freed heap memory back to the system, so the step's peak is not hidden in it."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # not glibc: the step peak may then read low, never high
+        pass
 
 
 def run_case(case: str, px: int, device: str) -> dict:
@@ -83,6 +93,7 @@ def run_case(case: str, px: int, device: str) -> dict:
         base = torch.cuda.memory_allocated()
     else:
         hwm_so_far = _kib("VmHWM")
+        _trim_heap()
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset the high-water mark
         base = _kib("VmRSS")
