@@ -46,7 +46,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
-from .attention import EPS, LinFusionAttention
+from .attention import LinFusionAttention
 from .families import ModuleSpec, diffusers_to_ldm
 from .patching import IncompatibleModelError, build_replacements, describe_model, model_family, plan_replacements
 from .weights import LinFusionWeights, make_config, parse_config, save_weights
@@ -217,30 +217,11 @@ def init_student(
     return specs, paths, mods
 
 
-def trainable_forward(layer: LinFusionAttention, x: torch.Tensor, context: torch.Tensor | None = None,
-                      value: torch.Tensor | None = None) -> torch.Tensor:
-    """`LinFusionAttention.forward` without its in-place normalisation, so autograd can run
-    through it (the inference path divides in place to save a (B, H, N, dh) buffer). The same
-    math; a test checks both agree. x: (B, N, dim) -> (B, N, dim)."""
-    kv_in = x if context is None else context
-    v_in = kv_in if value is None else value
-    q = layer.to_q(x + layer.to_q_(x))
-    k = layer.to_k(kv_in + layer.to_k_(kv_in))
-    v = layer.to_v(v_in)
-    b, nq, _ = q.shape
-    q, k, v = (t.reshape(b, t.shape[1], layer.heads, -1).transpose(1, 2).float() for t in (q, k, v))
-    phi_q, phi_k = F.elu(q) + 1.0, F.elu(k) + 1.0
-    n = k.shape[-2]
-    kv = torch.matmul(phi_k.transpose(-1, -2), v / n)  # mean_n phi(k_n) v_n^T: (B, H, dh, dv)
-    z = torch.matmul(phi_q, phi_k.mean(dim=-2, keepdim=True).transpose(-1, -2)) + EPS  # (B, H, N, 1)
-    out = (torch.matmul(phi_q, kv) / z).to(x.dtype)
-    return layer.to_out(out.transpose(1, 2).reshape(b, nq, -1))
-
-
 class _StudentSlot(nn.Module):
     """Sits at `...attn1` while the student runs: calls its LinFusion layer (casting to the layer's
-    dtype when the UNet runs in another dtype without autocast) and records the output. With
-    gradients it runs `trainable_forward`, without them the layer's own forward."""
+    dtype when the UNet runs in another dtype without autocast) and records the output. The
+    layer's own forward is differentiable (out-of-place when gradients are recorded), so
+    training and inference run the same code."""
 
     def __init__(self, layer: LinFusionAttention, sink: list) -> None:
         super().__init__()
@@ -254,10 +235,7 @@ class _StudentSlot(nn.Module):
         if mask is not None:
             raise DistillError("a self-attention mask reached a LinFusion layer during distillation; "
                                "linear attention has no masked form")
-        if torch.is_grad_enabled():
-            out = trainable_forward(self.layer, c(x), c(context), c(value))
-        else:  # the layer's own inference path: exactly what the pack runs after loading the weights
-            out = self.layer(c(x), context=c(context), value=c(value))
+        out = self.layer(c(x), context=c(context), value=c(value))
         if self.sink is not None:
             self.sink.append(out)
         return out.to(x.dtype) if cast else out

@@ -41,19 +41,21 @@ def choices() -> list[str]:
     """'auto', then weight folders (holding the official pair of files), then loose files.
 
     Follows symbolic links (shared model stores often link whole folders in), skips hidden
-    entries and unfinished downloads (`*.partial`).
+    entries and unfinished downloads (`*.partial`). A folder holding the official pair is one
+    entry; other files in it (a trainer's `training_state.safetensors`) are not offered.
     """
     found: set[str] = set()
     for root in folders():
         for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
             dirnames[:] = [d for d in dirnames if not d.startswith(".") and not d.endswith(".partial")]
             rel_dir = Path(dirpath).relative_to(root).as_posix()
+            if WEIGHTS_NAME in filenames and rel_dir != ".":
+                found.add(rel_dir)  # an official-format folder: other files in it are not weights
+                continue
             for name in filenames:
                 if name.startswith("."):
                     continue
-                if name == WEIGHTS_NAME and rel_dir != ".":
-                    found.add(rel_dir)
-                elif Path(name).suffix.lower() in {".safetensors", *PICKLE_SUFFIXES}:
+                if Path(name).suffix.lower() in {".safetensors", *PICKLE_SUFFIXES}:
                     found.add(name if rel_dir == "." else f"{rel_dir}/{name}")
     return [AUTO, *sorted(found)]
 

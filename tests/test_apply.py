@@ -218,6 +218,7 @@ def test_weights_are_cached_while_the_file_is_unchanged(lf, pack, node_classes, 
 
 def test_choices_list_folders_and_files(lf, pack, sd15, linfusion_dir):
     put_weights(lf, linfusion_dir, "sd15", sd15, name="a_folder")
+    (linfusion_dir / "a_folder" / "training_state.safetensors").write_bytes(b"")
     (linfusion_dir / "loose.safetensors").write_bytes(b"")
     (linfusion_dir / "old.ckpt").write_bytes(b"")
     (linfusion_dir / "x.partial").mkdir()
