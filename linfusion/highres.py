@@ -224,20 +224,23 @@ def dilated_convs(convs: Iterable[nn.Conv2d], ratio: int) -> Iterator[None]:
             c.dilation, c.padding = dil, pad
 
 
-def _chunked(forward, chunks: int):
+def _chunked(forward, chunks: int, min_tokens: int):
     def run(x: torch.Tensor, *args, **kwargs):
-        if x.ndim != 3 or x.shape[1] < 2 * chunks:
+        n = min(chunks, x.shape[1] // max(1, min_tokens)) if x.ndim == 3 else 1
+        if n < 2:
             return forward(x, *args, **kwargs)
-        return torch.cat([forward(part, *args, **kwargs) for part in x.chunk(chunks, dim=1)], dim=1)
+        return torch.cat([forward(part, *args, **kwargs) for part in x.chunk(n, dim=1)], dim=1)
 
     return run
 
 
 @contextmanager
-def chunked_token_forward(modules: Iterable[nn.Module], chunks: int) -> Iterator[None]:
+def chunked_token_forward(modules: Iterable[nn.Module], chunks: int, min_tokens: int = 4096) -> Iterator[None]:
     """Run each module's forward on `chunks` slices of its token axis (dim 1 of a (B, N, C)
     input) and concatenate: a feed-forward layer's wide hidden activation then exists for
-    N / chunks tokens at a time. Exact for token-wise layers. The modules themselves are not
+    N / chunks tokens at a time. Exact for token-wise layers. Slices keep at least
+    `min_tokens` tokens (fewer chunks for small inputs): each chunk re-reads the layer's
+    weights, which costs more than it saves when activations are small. The modules themselves are not
     replaced (their names, parameters and weight patches stay), only an instance-level
     forward is set, and removed on exit whatever happens."""
     mods = list(modules)
@@ -246,7 +249,7 @@ def chunked_token_forward(modules: Iterable[nn.Module], chunks: int) -> Iterator
         if chunks > 1:
             for m in mods:
                 saved.append((m, m.__dict__.get("forward")))
-                m.forward = _chunked(m.forward, chunks)
+                m.forward = _chunked(m.forward, chunks, min_tokens)
         yield
     finally:
         for m, own in reversed(saved):

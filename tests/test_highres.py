@@ -214,10 +214,14 @@ def test_dilation_and_chunking_always_restore(hrm):
     h = ff[0].register_forward_hook(lambda _m, i, _o: seen.append(i[0].shape[1]))
     want = ff(tokens)
     seen.clear()
-    with hrm.chunked_token_forward([ff], 16):
+    with hrm.chunked_token_forward([ff], 16, min_tokens=1):
+        got = ff(tokens)
+    assert (got - want).abs().max() < 1e-6 and max(seen) == 4 and len(seen) == 13  # ceil(50/16)=4 per chunk
+    seen.clear()
+    with hrm.chunked_token_forward([ff], 16, min_tokens=20):  # 50 tokens: 2 chunks of at least 20
         got = ff(tokens)
     h.remove()
-    assert (got - want).abs().max() < 1e-6 and max(seen) == 4 and len(seen) == 13  # ceil(50/16)=4 per chunk
+    assert (got - want).abs().max() < 1e-6 and seen == [25, 25]
     with pytest.raises(RuntimeError), hrm.chunked_token_forward([ff], 4):
         raise RuntimeError
     assert "forward" not in ff.__dict__

@@ -105,7 +105,8 @@ def test_weights_folder_offered(sd15):
 def test_linfusion_prompt(sd15):
     run = sd15.memo("linfusion", LF_WEIGHTS)
     _assert_real_image(run)
-    assert not {"ckpt", "linfusion", "sampler", "decode"} & set(run.cached)
+    # (the checkpoint loader may come from the cache of an earlier test on the shared server)
+    assert not {"linfusion", "sampler", "decode"} & set(run.cached)
     # The node's summary line: every one of SD1.5's 16 self-attention layers, from our folder.
     where = re.escape(str(sd15.model_dirs.linfusion / LF_WEIGHTS))
     found = re.findall(rf"LinFusion: (\d+) self-attention layers.* replaced with {where}", sd15.server.log_text())
