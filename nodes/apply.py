@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 
 import comfy.model_management
 import comfy.utils
@@ -12,6 +11,7 @@ from comfy_api.latest import io
 
 from ..linfusion.attention import LinFusionAttention
 from ..linfusion.families import supported_families_text
+from ..linfusion.memory import inference_bytes
 from ..linfusion.patching import (
     IncompatibleModelError,
     build_replacements,
@@ -63,25 +63,11 @@ def mirror_lora_to_softmax(paths: list[str]):
     return on_load
 
 
-# Inference memory per latent element (batch x latent height x width) and byte of dtype, in
-# MiB, times the model's memory_usage_factor. ComfyUI uses the same constant for attention
-# backends whose memory is linear in the tokens (xformers, flash, SDPA); its estimate for the
-# others (sub-quadratic, split: 0.15 MiB per element) assumes softmax attention's quadratic
-# temporaries, which LinFusion does not have. Checked against measured peaks in bench/step.py.
-LINEAR_MIB_PER_ELEMENT_BYTE = 0.01
-
-
 def linfusion_memory_required(base_model, input_shape, softmax_max_tokens: int = 0) -> float:
-    """Bytes of inference memory a LinFusion-patched UNet needs for `input_shape` (B, C, H, W).
-
-    Linear in latent area. Hybrid mode adds the softmax layers' attention matrices: at most
-    `softmax_max_tokens` tokens each, fp32 scores of 20 heads (the most any family has).
-    """
-    area = input_shape[0] * math.prod(input_shape[2:])
+    """Bytes of inference memory a LinFusion-patched ComfyUI model needs for `input_shape`."""
     dtype = base_model.manual_cast_dtype or base_model.get_dtype()
-    size = comfy.model_management.dtype_size(dtype)
-    linear = area * size * LINEAR_MIB_PER_ELEMENT_BYTE * base_model.memory_usage_factor * (1 << 20)
-    return linear + input_shape[0] * 20 * softmax_max_tokens ** 2 * 4
+    return inference_bytes(input_shape, comfy.model_management.dtype_size(dtype), base_model.memory_usage_factor,
+                           softmax_max_tokens)
 
 
 def linear_memory_estimate(softmax_max_tokens: int):
