@@ -124,27 +124,12 @@ def format_row(row: dict, backends: list[str], fmt_bytes) -> str:
 
 
 def plot(rows: list[dict], backends: list[str], path: Path) -> None:
-    try:
-        import matplotlib
+    from bench.memory import plot_loglog
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot (pip install matplotlib)")
-        return
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for b in ["linfusion", *backends]:
-        pts = [(r["tokens"], r[b]["seconds"]) for r in rows if r["dim"] == 320 and "seconds" in r[b]]
-        if pts:
-            ax.loglog(*zip(*pts), marker="o", label=b)
-    ax.set_xlabel("tokens (SD1.5 first level, d=320)")
-    ax.set_ylabel("seconds per layer forward (batch 2)")
-    ax.set_title("One self-attention layer")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-
+    series = {b: [(r["tokens"], r[b]["seconds"]) for r in rows if r["dim"] == 320 and "seconds" in r[b]]
+              for b in ["linfusion", *backends]}
+    plot_loglog(series, "tokens (SD1.5 first level, d=320)", "seconds per layer forward (batch 2)",
+                "One self-attention layer", path)
 
 if __name__ == "__main__":
     main()

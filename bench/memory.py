@@ -1,4 +1,4 @@
-"""Peak-memory and timing helpers shared by the bench scripts.
+"""Peak-memory, timing and plotting helpers shared by the bench scripts.
 
 CPU peak memory is the process's resident high-water mark (VmHWM) after resetting it
 through /proc/self/clear_refs, minus the resident size just before the measured call.
@@ -84,3 +84,26 @@ def run_child(cmd: list[str], timeout: float) -> dict:
         err = out.stderr.strip().splitlines()
         return {"error": (err[-1] if err else f"exit code {out.returncode}")[:200]}
     return json.loads(lines[-1])
+
+
+def plot_loglog(series: dict[str, list[tuple[float, float]]], xlabel: str, ylabel: str, title: str, path) -> None:
+    """One log-log line per series (name -> [(x, y), ...]) into a PNG; says so if matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot (pip install matplotlib)")
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, pts in series.items():
+        if pts:
+            ax.loglog(*zip(*sorted(pts)), marker="o", label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)

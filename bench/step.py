@@ -114,24 +114,11 @@ def main() -> None:
 
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
+    from bench.memory import plot_loglog
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for mode, rs in results.items():
-        pts = sorted((p * p / 1e6, r["seconds"]) for p, r in rs.items() if "seconds" in r)
-        if pts:
-            ax.loglog(*zip(*pts), marker="o", label=mode)
-    ax.set_xlabel("megapixels")
-    ax.set_ylabel("seconds per UNet step (batch 2)")
-    ax.set_title("SD1.5 layout, one denoising step")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-
+    series = {mode: [(p * p / 1e6, r["seconds"]) for p, r in rs.items() if "seconds" in r]
+              for mode, rs in results.items()}
+    plot_loglog(series, "megapixels", "seconds per UNet step (batch 2)", "SD1.5 layout, one denoising step", path)
 
 if __name__ == "__main__":
     main()
