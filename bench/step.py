@@ -34,6 +34,7 @@ def run_case(mode: str, px: int, device: str, channels: int = 320) -> dict:
 
     import linfusion
     from bench.memory import measure
+    from linfusion.memory import inference_bytes
 
     dev = torch.device(device)
     dtype = torch.float16 if dev.type == "cuda" else torch.float32
@@ -61,8 +62,8 @@ def run_case(mode: str, px: int, device: str, channels: int = 320) -> dict:
     ctx = torch.randn(2, 77, 768, device=dev, dtype=dtype)
     with torch.no_grad():
         seconds, peak = measure(lambda: unet(x, timesteps=t, context=ctx), dev, repeats=1)
-    # what ComfyUI is told a LinFusion model needs for this input (see nodes/apply.py)
-    estimate = 2 * lat * lat * torch.finfo(dtype).bits / 8 * 0.01 * model.memory_usage_factor * 2**20
+    # what ComfyUI is told a LinFusion model needs for this input (nodes/apply.py)
+    estimate = inference_bytes(x.shape, x.element_size(), model.memory_usage_factor)
     return {"seconds": seconds, "peak_bytes": peak, "linfusion_estimate_bytes": estimate}
 
 
