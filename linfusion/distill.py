@@ -22,8 +22,8 @@ moments) and `training_state.json` (step, settings, optimizer hyper-parameters).
 Every random draw of step s comes from a generator seeded with (seed, s), so a resumed run
 repeats exactly the draws of an uninterrupted one.
 
-The command line entry (`python -m linfusion.distill ...`) lives in `distill_cli`, which
-imports ComfyUI lazily to read a checkpoint; this module never imports it.
+The command line entry (`python scripts/distill.py ...`, logic in nodes/distill_cli.py)
+imports ComfyUI to read a checkpoint; this module never imports it.
 """
 
 from __future__ import annotations
@@ -630,9 +630,3 @@ def latest_checkpoint(checkpoint_dir: str | os.PathLike) -> Path | None:
     return max(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]), default=None)
 
 
-if __name__ == "__main__":
-    import sys
-
-    from .distill_cli import main
-
-    sys.exit(main())

@@ -14,9 +14,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def comfyui_path() -> Path:
+    """$COMFYUI_PATH, else the ComfyUI this pack is installed in (<ComfyUI>/custom_nodes/<pack>),
+    else the dev setup's copy."""
     env = os.environ.get("COMFYUI_PATH")
     if env:
         return Path(env)
+    if (REPO.parents[1] / "comfy" / "sd.py").is_file():
+        return REPO.parents[1]
     marker = Path(os.environ.get("LINFUSION_DEV", REPO / ".dev")) / "comfyui_path"
     if marker.is_file():
         return Path(marker.read_text().strip())

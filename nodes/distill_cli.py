@@ -1,6 +1,6 @@
 """Command line: distill LinFusion weights for an SD1.x / SD2.x / SDXL checkpoint.
 
-    python -m linfusion.distill --checkpoint model.safetensors --data images/ --out my_linfusion/
+    python scripts/distill.py --checkpoint model.safetensors --data images/ --out my_linfusion/
 
 Reads a folder of images with a caption beside each (`cat.png` + `cat.txt`), encodes them
 once with the checkpoint's own VAE and text encoder (cached in `<out>/.cache/`), trains
@@ -8,8 +8,9 @@ LinFusion layers against the checkpoint's UNet (`linfusion.distill`), and writes
 in the official format into `<out>/` (config.json + diffusion_pytorch_model.safetensors), the
 folder the pack's loader reads. Resumable checkpoints go to `<out>/checkpoints/step-NNNNNN/`.
 
-ComfyUI is imported only inside `load_with_comfyui` (it reads the checkpoint file); the data
-pipeline and the training loop take any `LoadedModel`, so they run without it.
+ComfyUI glue (it reads the checkpoint through ComfyUI, imported inside `load_with_comfyui`);
+the training itself is pure PyTorch in `linfusion/distill.py`. The data pipeline and the
+training loop take any `LoadedModel`, so they run without a checkpoint file.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .distill import (
+from ..linfusion.distill import (
     DTYPES,
     DistillConfig,
     Distiller,
@@ -39,8 +40,8 @@ from .distill import (
     collate_conds,
     latest_checkpoint,
 )
-from .patching import IncompatibleModelError, describe_model, model_family
-from .weights import CONFIG_NAME, WEIGHTS_NAME, LinFusionWeightsError, load_weights
+from ..linfusion.patching import IncompatibleModelError, describe_model, model_family
+from ..linfusion.weights import CONFIG_NAME, WEIGHTS_NAME, LinFusionWeightsError, load_weights
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CACHE_DIR = ".cache"
@@ -313,7 +314,7 @@ def precompute(examples: Sequence[Example], model: LoadedModel, resolution: int,
 # -- the run ------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m linfusion.distill",
+        prog="python scripts/distill.py",
         description="Distill LinFusion weights for an SD1.x / SD2.x / SDXL checkpoint (teacher: its own UNet).",
     )
     p.add_argument("--checkpoint", required=True, help="the model: a full .safetensors checkpoint (UNet, text "
