@@ -22,7 +22,6 @@ Writes bench/out/distill_step.json.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import sys
 import time
@@ -33,28 +32,14 @@ sys.path.insert(0, str(HERE.parent / "scripts"))
 sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(HERE.parent))
 
+from bench.memory import status_kib, trim_heap  # noqa: E402
+
 CASES = {
     "fp32": {"precision": "fp32", "gradient_checkpointing": False},
     "fp32-checkpointing": {"precision": "fp32", "gradient_checkpointing": True},
     "bf16": {"precision": "bf16", "gradient_checkpointing": False},
     "bf16-checkpointing": {"precision": "bf16", "gradient_checkpointing": True},
 }
-
-
-def _kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _trim_heap() -> None:
-    """Hand freed heap memory back to the system, so the step's peak is not hidden in it."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:  # not glibc: the step peak may then read low, never high
-        pass
 
 
 def run_case(case: str, px: int, device: str) -> dict:
@@ -92,11 +77,11 @@ def run_case(case: str, px: int, device: str) -> dict:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        hwm_so_far = _kib("VmHWM")
-        _trim_heap()
+        hwm_so_far = status_kib("VmHWM")
+        trim_heap()
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset the high-water mark
-        base = _kib("VmRSS")
+        base = status_kib("VmRSS")
     t0 = time.perf_counter()
     terms = d.train_step(lat, cond)
     sync()
@@ -105,8 +90,8 @@ def run_case(case: str, px: int, device: str) -> dict:
         out["step_peak_bytes"] = torch.cuda.max_memory_allocated() - base
         out["total_peak_bytes"] = torch.cuda.max_memory_allocated()
     else:
-        out["step_peak_bytes"] = (_kib("VmHWM") - base) * 1024
-        out["total_peak_bytes"] = max(hwm_so_far, _kib("VmHWM")) * 1024
+        out["step_peak_bytes"] = (status_kib("VmHWM") - base) * 1024
+        out["total_peak_bytes"] = max(hwm_so_far, status_kib("VmHWM")) * 1024
         out["resident_before_step_bytes"] = base * 1024
     out["loss"] = terms["total"]
     return out

@@ -17,14 +17,14 @@ from collections.abc import Callable
 import torch
 
 
-def _trim_heap() -> None:
+def trim_heap() -> None:
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except OSError:  # not glibc: the measurement may then read low, never high
         pass
 
 
-def _status_kib(field: str) -> int:
+def status_kib(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
@@ -43,12 +43,12 @@ def measure(fn: Callable[[], object], device: torch.device, repeats: int = 3) ->
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
     else:
-        _trim_heap()
+        trim_heap()
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
-        base = _status_kib("VmRSS")
+        base = status_kib("VmRSS")
         fn()
-        peak = (_status_kib("VmHWM") - base) * 1024
+        peak = (status_kib("VmHWM") - base) * 1024
     best = float("inf")
     for _ in range(repeats):
         if device.type == "cuda":
