@@ -6,7 +6,8 @@ of a whole LinFusion layer.
 For SD1.5's first level (d=320, 8 heads of 40) and SDXL's (d=640, 10 heads of 64), batch 2:
 - core: linear_attention on (B, H, N, dh) views of the projections, as the layer calls it;
 - matmuls: the two products the core cannot avoid, phi(k)^T [v|1] and phi(q) S, on
-  ready-made contiguous fp32 operands;
+  ready-made contiguous fp32 operands, written into preallocated outputs (as the core
+  writes into the layer's output; a fresh 0.7 GB result would add page faults to them);
 - layer: the whole LinFusionAttention forward (projections included).
 Target: core <= 1.5 x matmuls.
 """
@@ -50,11 +51,14 @@ def case(name: str, dim: int, heads: int, n: int, px: int, dev: torch.device, dt
     pk = torch.randn(2, heads, n, dh, device=dev)
     v1 = torch.randn(2, heads, n, dh + 1, device=dev)
     s = torch.randn(2, heads, dh, dh + 1, device=dev)
+    kv_out = torch.empty(2, heads, dh, dh + 1, device=dev)
+    num_out = torch.empty(2, heads, n, dh + 1, device=dev)
     layer = LinFusionAttention(dim, heads).to(dev, dtype).eval()
     x = torch.randn(2, n, dim, device=dev, dtype=dtype)
     with torch.no_grad():
-        t_core, _ = measure(lambda: linear_attention(q, k, v, out=out), dev)
-        t_mm, _ = measure(lambda: (pk.transpose(-1, -2) @ v1, pk @ s), dev)
+        t_core, _ = measure(lambda: linear_attention(q, k, v, out=out), dev, repeats=5)
+        t_mm, _ = measure(lambda: (torch.matmul(pk.transpose(-1, -2), v1, out=kv_out),
+                                    torch.matmul(pk, s, out=num_out)), dev, repeats=5)
         t_layer, _ = measure(lambda: layer(x), dev, repeats=2)
     print(f"{name:5s} {px:5d}px N={n:8d}: core {t_core * 1e3:8.1f} ms, its matmuls {t_mm * 1e3:8.1f} ms "
           f"(core/matmuls x{t_core / t_mm:.2f}), layer {t_layer * 1e3:8.1f} ms (core share "

@@ -97,12 +97,26 @@ def test_official_parameter_names_and_totals(lf):
 
 
 def test_feature_map_is_elu_plus_one(lf):
+    """Both feature maps, the out-of-place one autograd records and the in-place one of the
+    chunked core (exp2 of t log2 e on CPU), are elu + 1 to fp32 precision from half inputs too."""
     x = torch.cat([torch.linspace(-200, 200, 100001), torch.tensor([0.0, -0.0, 1e-30, -1e-30, 88.8, 1e4])])
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        got = lf.attention._phi(x.to(dtype))
-        ref = F.elu(x.to(dtype).double()) + 1
-        assert got.dtype == torch.float32 and torch.isfinite(got).all()
-        assert (got.double() - ref).abs().max().item() < 1e-6 * max(1.0, ref.abs().max().item())
+        xd = x.to(dtype)
+        xx = xd.double()
+        ref = torch.where(xx > 0, xx + 1, torch.exp(xx))  # elu + 1, without elu's cancellation
+        into = lf.attention._phi_into(xd, torch.empty_like(x), torch.empty_like(x))
+        for got in (lf.attention._phi(xd), into):
+            assert got.dtype == torch.float32 and torch.isfinite(got).all()
+            assert (got.double() - ref).abs().max().item() < 2e-6 * max(1.0, ref.abs().max().item())
+            # relative precision where phi = exp(t) is small
+            neg = (xd > -30) & (xd < 0)
+            rel = ((got.double() - ref) / ref)[neg].abs().max().item()
+            assert rel < 2e-6, (dtype, rel)
+
+
+def test_core_refuses_other_ranks(lf):
+    with pytest.raises(ValueError, match=r"\(batch, heads, tokens, dim\)"):
+        lf.linear_attention(torch.randn(4, 10, 8), torch.randn(4, 10, 8), torch.randn(4, 10, 8))
 
 
 def test_mask_is_refused_clearly(lf):
