@@ -36,14 +36,10 @@ import base64
 import contextlib
 import json
 import os
-import shutil
-import signal
 import socket
 import ssl
 import struct
-import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -53,8 +49,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-PACK_NAME = "ComfyUI-LinFusion"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from comfy_process import ComfyUIProcess, LaunchError  # noqa: E402
 
 # Nodes that exist only in the web UI: never sent to the server.
 VIRTUAL_NODES = {"Note", "MarkdownNote", "PrimitiveNode", "Reroute"}
@@ -741,142 +737,6 @@ def save_outputs(client: ComfyClient, result: RunResult, folder: Path, include_t
             result.sizes[target] = size
 
 
-# -- a local ComfyUI -----------------------------------------------------------------------------
-def default_comfyui() -> Path | None:
-    env = os.environ.get("COMFYUI_PATH")
-    if env:
-        return Path(env)
-    marker = Path(os.environ.get("LINFUSION_DEV", REPO / ".dev")) / "comfyui_path"
-    return Path(marker.read_text().strip()) if marker.is_file() else None
-
-
-def default_python(comfyui: Path) -> str:
-    """The dev venv's interpreter when it exists (it has ComfyUI's requirements), else this one."""
-    venv = Path(os.environ.get("LINFUSION_DEV", REPO / ".dev")) / "venv" / "bin" / "python"
-    return str(venv) if venv.is_file() else sys.executable
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class LocalComfyUI:
-    """A ComfyUI process on 127.0.0.1 with this pack loaded, for the lifetime of a `with` block.
-
-    The pack is added through an extra model paths file (a `custom_nodes` folder holding a link
-    to this repository) unless the ComfyUI's own custom_nodes already has it. `extra_model_paths`
-    are passed on, in order; `args` go to ComfyUI's main.py as they are (e.g. --output-directory).
-    """
-
-    def __init__(self, comfyui: Path | None = None, python: str | None = None, workdir: Path | None = None,
-                 extra_model_paths: list[Path] | None = None, args: list[str] | None = None,
-                 cpu: bool | None = None, start_timeout: float = 180.0, env: dict[str, str] | None = None) -> None:
-        self.comfyui = Path(comfyui) if comfyui else default_comfyui()
-        if self.comfyui is None or not (self.comfyui / "main.py").is_file():
-            raise WorkflowError(f"no ComfyUI at {self.comfyui}: pass --comfyui PATH, set COMFYUI_PATH, "
-                                "run scripts/dev_setup.sh, or give --server URL")
-        self.python = python or default_python(self.comfyui)
-        self._tmp = None if workdir else tempfile.mkdtemp(prefix="linfusion-run-")
-        self.workdir = Path(workdir or self._tmp)
-        self.extra_model_paths = [Path(p) for p in extra_model_paths or []]
-        self.args = list(args or [])
-        self.cpu = cpu
-        self.start_timeout = start_timeout
-        self.env = dict(env or {})
-        self.port = 0
-        self.proc: subprocess.Popen | None = None
-        self.log_path = self.workdir / "comfyui.log"
-        self.start_seconds: float | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def _pack_installed(self) -> bool:
-        folder = self.comfyui / "custom_nodes"
-        return folder.is_dir() and any(p.resolve() == REPO for p in folder.iterdir() if p.is_dir())
-
-    def command(self) -> list[str]:
-        cmd = [self.python, str(self.comfyui / "main.py"), "--listen", "127.0.0.1", "--port", str(self.port),
-               "--disable-auto-launch"]
-        cpu = self.cpu
-        if cpu is None:
-            probe = subprocess.run([self.python, "-c", "import torch,sys; sys.exit(0 if torch.cuda.is_available() "
-                                    "else 1)"], capture_output=True)
-            cpu = probe.returncode != 0
-        if cpu:
-            cmd.append("--cpu")
-        yamls = list(self.extra_model_paths)
-        if not self._pack_installed():
-            nodes_dir = self.workdir / "custom_nodes"
-            nodes_dir.mkdir(parents=True, exist_ok=True)
-            link = nodes_dir / PACK_NAME
-            if not link.is_symlink():
-                link.symlink_to(REPO, target_is_directory=True)
-            pack_yaml = self.workdir / "linfusion_pack.yaml"
-            pack_yaml.write_text(f"linfusion_pack:\n  custom_nodes: {json.dumps(str(nodes_dir))}\n")
-            yamls.insert(0, pack_yaml)
-        for y in yamls:
-            cmd += ["--extra-model-paths-config", str(y)]
-        return cmd + self.args
-
-    def start(self) -> LocalComfyUI:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.port = _free_port()
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "DO_NOT_TRACK": "1", **self.env}
-        t0 = time.monotonic()
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.command(), cwd=str(self.workdir), env=env, stdout=log,
-                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         start_new_session=True)
-        client = ComfyClient(self.url, timeout=2)
-        while True:
-            if self.proc.poll() is not None:
-                raise WorkflowError(f"ComfyUI exited with code {self.proc.returncode} while starting.\n"
-                                    f"{self.log_tail()}")
-            try:
-                client.request("/system_stats")
-                break
-            except (OSError, urllib.error.URLError, ValueError):
-                pass
-            if time.monotonic() - t0 > self.start_timeout:
-                self.close()
-                raise WorkflowError(f"ComfyUI did not answer within {self.start_timeout:.0f} s.\n{self.log_tail()}")
-            time.sleep(0.25)
-        self.start_seconds = time.monotonic() - t0
-        return self
-
-    def close(self, keep_log: bool = False) -> None:
-        """Stop the server (SIGTERM, then SIGKILL after 20 s). The temporary folder made for it
-        goes too, unless `keep_log` (then its log stays at `log_path`)."""
-        p, self.proc = self.proc, None
-        if p is not None and p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(timeout=20)
-        if self._tmp and not keep_log:
-            shutil.rmtree(self._tmp, ignore_errors=True)
-            self._tmp = None
-
-    def log_tail(self, lines: int = 40) -> str:
-        try:
-            tail = self.log_path.read_text(errors="replace").splitlines()[-lines:]
-        except OSError:
-            return ""
-        return f"--- ComfyUI log ({self.log_path}) ---\n" + "\n".join(tail)
-
-    def __enter__(self) -> LocalComfyUI:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
 # -- the command -------------------------------------------------------------------------------
 def prepare(workflow: dict, object_info: dict, scale: float | None = None, sets: list[str] | None = None,
             log=print) -> dict:
@@ -946,8 +806,8 @@ def main(argv: list[str] | None = None) -> int:
             client = ComfyClient(a.server)
         else:
             log("starting ComfyUI ...")
-            server = LocalComfyUI(a.comfyui, a.python, extra_model_paths=a.extra_model_paths_config,
-                                  args=a.comfyui_arg).start()
+            server = ComfyUIProcess(a.comfyui, a.python, extra_model_paths=a.extra_model_paths_config,
+                                    args=a.comfyui_arg).start()
             log(f"ComfyUI ready at {server.url} in {server.start_seconds:.1f} s")
             client = ComfyClient(server.url)
         object_info = client.object_info()
@@ -982,7 +842,7 @@ def main(argv: list[str] | None = None) -> int:
             if not result.saved:
                 log("  (no output files)")
         return code
-    except (OSError, urllib.error.URLError, WorkflowError) as e:
+    except (OSError, urllib.error.URLError, WorkflowError, LaunchError) as e:
         print(f"error: {e}", file=sys.stderr)
         if server is not None:
             print(server.log_tail(), file=sys.stderr)

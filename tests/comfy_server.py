@@ -1,9 +1,10 @@
 """A real ComfyUI server in a subprocess, with this pack loaded the way a user's install loads it.
 
-Everything the server writes lives in one temporary folder: output/input/temp/user
+The process is started by scripts/comfy_process.py (the launcher the workflow runner uses
+too). Everything the server writes lives in one temporary folder: output/input/temp/user
 directories, its database, the model folders (checkpoints, linfusion, loras, ...) and a
 `custom_nodes` folder holding only a symlink `ComfyUI-LinFusion -> <this repository>`.
-The model folders and `custom_nodes` reach ComfyUI through an extra model paths yaml, as
+The model folders and `custom_nodes` reach ComfyUI through extra model paths yamls, as
 they would in a real install. The server listens on 127.0.0.1 only, and the client below
 talks to it without any proxy, so all traffic stays on the loopback interface.
 
@@ -17,13 +18,7 @@ Usable without pytest:
 
 from __future__ import annotations
 
-import atexit
-import ctypes
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
 import time
 import urllib.error
@@ -31,35 +26,14 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-PACK_NAME = "ComfyUI-LinFusion"
+from comfy_env import REPO, comfyui_path  # noqa: F401  (re-exported for the tests)
+from comfy_process import PACK_NAME, ComfyUIProcess, LaunchError  # noqa: F401  (PACK_NAME re-exported)
+
 # Model folders made in the temp folder and registered through the yaml (first in ComfyUI's list).
 MODEL_FOLDERS = ("checkpoints", "linfusion", "loras", "vae", "clip", "embeddings", "upscale_models", "controlnet")
 
 
-def comfyui_path() -> Path:
-    """ComfyUI from $COMFYUI_PATH, else the copy the dev setup made (same rule as conftest)."""
-    env = os.environ.get("COMFYUI_PATH")
-    if env:
-        return Path(env)
-    return Path((REPO / ".dev" / "comfyui_path").read_text().strip())
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
-    """Linux: SIGTERM the server if the test process dies without closing it (e.g. SIGKILL)."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerError(RuntimeError):
+class ServerError(LaunchError):
     """The server could not start, refused a prompt, or a prompt failed. Carries the log tail."""
 
 
@@ -89,104 +63,39 @@ class PromptFailed(ServerError):
         return self.details.get("node_type", "")
 
 
-class ComfyServer:
+class ComfyServer(ComfyUIProcess):
+    """The tests' server: CPU mode, offline, every folder it writes inside `root`."""
+
     def __init__(self, root: Path, python: str | None = None, comfyui: Path | None = None,
                  env: dict[str, str] | None = None, start_timeout: float = 60.0) -> None:
         self.root = Path(root)
-        self.python = python or sys.executable
-        self.comfyui = Path(comfyui) if comfyui else comfyui_path()
-        self.extra_env = dict(env or {})
-        self.start_timeout = start_timeout
-        self.port = 0
-        self.proc: subprocess.Popen | None = None
-        self.start_seconds: float | None = None
         self.client_id = uuid.uuid4().hex
         self.dirs = {name: self.root / name for name in ("out", "in", "tmp", "user", "custom_nodes", "hf")}
         self.model_dirs = {name: self.root / "models" / name for name in MODEL_FOLDERS}
-        self.log_path = self.root / "comfyui.log"
         self.yaml_path = self.root / "extra_model_paths.yaml"
-        # Loopback only: never let an http_proxy from the environment see these requests.
-        self._http = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-    # -- lifecycle -------------------------------------------------------------------------
-    def _prepare(self) -> None:
-        for d in [*self.dirs.values(), *self.model_dirs.values()]:
-            d.mkdir(parents=True, exist_ok=True)
-        link = self.dirs["custom_nodes"] / PACK_NAME
-        if not link.is_symlink():
-            link.symlink_to(REPO, target_is_directory=True)
-        # JSON strings are YAML strings: paths with spaces or colons stay intact.
-        lines = ["linfusion_tests:", "  is_default: true",
-                 f"  custom_nodes: {json.dumps(str(self.dirs['custom_nodes']))}"]
-        lines += [f"  {name}: {json.dumps(str(path))}" for name, path in self.model_dirs.items()]
-        self.yaml_path.write_text("\n".join(lines) + "\n")
-
-    def command(self) -> list[str]:
-        return [
-            self.python, str(self.comfyui / "main.py"), "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-            "--disable-auto-launch", "--disable-api-nodes",
-            "--output-directory", str(self.dirs["out"]), "--input-directory", str(self.dirs["in"]),
-            "--temp-directory", str(self.dirs["tmp"]), "--user-directory", str(self.dirs["user"]),
-            "--database-url", f"sqlite:///{self.dirs['user'] / 'comfyui.db'}",
-            "--extra-model-paths-config", str(self.yaml_path),
-        ]
+        super().__init__(
+            comfyui, python or sys.executable, workdir=self.root, extra_model_paths=[self.yaml_path], cpu=True,
+            start_timeout=start_timeout,
+            env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HOME": str(self.dirs["hf"]), **(env or {})},
+            args=["--disable-api-nodes",
+                  "--output-directory", str(self.dirs["out"]), "--input-directory", str(self.dirs["in"]),
+                  "--temp-directory", str(self.dirs["tmp"]), "--user-directory", str(self.dirs["user"]),
+                  "--database-url", f"sqlite:///{self.dirs['user'] / 'comfyui.db'}"])
 
     def start(self) -> ComfyServer:
-        self._prepare()
-        self.port = free_port()
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-               "HF_HOME": str(self.dirs["hf"]), "DO_NOT_TRACK": "1", **self.extra_env}
-        t0 = time.monotonic()
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.command(), cwd=str(self.root), env=env, stdout=log,
-                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         preexec_fn=_die_with_parent if sys.platform == "linux" else None)
-        atexit.register(self.close)
-        deadline = t0 + self.start_timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise ServerError(f"ComfyUI exited with code {self.proc.returncode} while starting.\n"
-                                  f"{self.log_tail()}")
-            try:
-                self.get_json("/system_stats", timeout=2)
-                break
-            except (OSError, urllib.error.URLError, ValueError):
-                pass
-            if time.monotonic() > deadline:
-                self.close()
-                raise ServerError(f"ComfyUI did not answer /system_stats within {self.start_timeout:.0f} s.\n"
-                                  f"{self.log_tail()}")
-            time.sleep(0.25)
-        self.start_seconds = time.monotonic() - t0
+        for d in [*self.dirs.values(), *self.model_dirs.values()]:
+            d.mkdir(parents=True, exist_ok=True)
+        # JSON strings are YAML strings: paths with spaces or colons stay intact.
+        lines = ["linfusion_tests:", "  is_default: true"]
+        lines += [f"  {name}: {json.dumps(str(path))}" for name, path in self.model_dirs.items()]
+        self.yaml_path.write_text("\n".join(lines) + "\n")
+        try:
+            super().start()
+        except LaunchError as e:
+            raise ServerError(str(e)) from None
         return self
 
-    def close(self) -> None:
-        """Terminate the server (SIGTERM, then SIGKILL after 15 s). Safe to call twice."""
-        p, self.proc = self.proc, None
-        if p is None or p.poll() is not None:
-            return
-        p.send_signal(signal.SIGTERM)
-        try:
-            p.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(timeout=15)
-
-    def __enter__(self) -> ComfyServer:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    @property
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
     # -- HTTP ----------------------------------------------------------------------------
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
     def _request(self, path: str, data: dict | None = None, timeout: float = 30):
         body = None if data is None else json.dumps(data).encode()
         req = urllib.request.Request(self.url + path, data=body,
@@ -265,26 +174,3 @@ class ComfyServer:
             if kind == "execution_cached":
                 return list(data.get("nodes", []))
         return []
-
-    # -- log -------------------------------------------------------------------------------
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def log_size(self) -> int:
-        try:
-            return self.log_path.stat().st_size
-        except OSError:
-            return 0
-
-    def log_tail(self, lines: int = 60, since: int = 0) -> str:
-        try:
-            with open(self.log_path, "rb") as f:
-                f.seek(since)
-                text = f.read().decode(errors="replace")
-        except OSError:
-            return f"(no server log at {self.log_path})"
-        tail = text.splitlines()[-lines:]
-        return f"--- ComfyUI log ({self.log_path}), last {len(tail)} lines ---\n" + "\n".join(tail)

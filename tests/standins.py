@@ -329,7 +329,7 @@ class WorkflowServer:
     def __init__(self, root: Path, lf, sdxl: str | None = None) -> None:
         import sys
 
-        import run_workflow
+        from comfy_process import ComfyUIProcess
 
         self.root = Path(root)
         self.lf = lf
@@ -348,7 +348,7 @@ class WorkflowServer:
             f"  {f}: {json.dumps(str(self.models / f))}\n" for f in folders))
         for f in folders:
             (self.models / f).mkdir(parents=True, exist_ok=True)
-        self.server = run_workflow.LocalComfyUI(
+        self.server = ComfyUIProcess(
             python=sys.executable, workdir=self.root / "server", extra_model_paths=[self.yaml], cpu=True,
             env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HOME": str(self.dirs["hf"])},
             args=["--output-directory", str(self.dirs["out"]), "--input-directory", str(self.dirs["in"]),

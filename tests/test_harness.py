@@ -13,7 +13,7 @@ import helpers
 import numpy as np
 import pytest
 import torch
-from comfy_server import PACK_NAME, REPO, PromptRejected
+from comfy_server import PACK_NAME, REPO, ComfyServer, PromptRejected, ServerError
 from PIL import Image
 
 # What the pack's own files look like in a traceback or a warning (ComfyUI itself lives in
@@ -133,6 +133,26 @@ def test_invalid_builtin_prompt_is_rejected(comfy_server):
     assert [e["type"] for e in errors] == ["value_not_in_list"]
     assert "no-such-method" in errors[0]["details"]
     assert list(comfy_server.dirs["out"].rglob("rejected*")) == []
+
+
+def test_launcher_failures_are_clear(tmp_path, capsys):
+    """The one launcher (scripts/comfy_process.py) behind the tests' server and the workflow
+    runner: a wrong ComfyUI folder names the fix; a server that dies while starting reports
+    its exit code and log, and leaves no process behind."""
+    import run_workflow
+    from comfy_process import ComfyUIProcess, LaunchError
+
+    with pytest.raises(LaunchError, match=r"no ComfyUI at .*COMFYUI_PATH"):
+        ComfyUIProcess(comfyui=tmp_path)
+    wf = tmp_path / "w.json"
+    wf.write_text('{"1": {"class_type": "EmptyImage", "inputs": {}}}')
+    assert run_workflow.main([str(wf), "--comfyui", str(tmp_path), "-q"]) == 1
+    assert "no ComfyUI at" in capsys.readouterr().err
+
+    srv = ComfyServer(tmp_path / "srv", python="false")  # exits at once with status 1
+    with pytest.raises(ServerError, match="exited with code 1 while starting"):
+        srv.start()
+    assert srv.proc is None and not srv.alive
 
 
 def test_random_sd15_checkpoint_is_sd15(sd15_checkpoint):
