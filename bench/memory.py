@@ -61,6 +61,27 @@ def measure(fn: Callable[[], object], device: torch.device, repeats: int = 3) ->
     return best, max(0, peak)
 
 
+def measure_once(fn: Callable[[], object], device: torch.device) -> tuple[float, int]:
+    """(wall seconds, peak extra bytes) of a single call, with no warm-up: for cases that take
+    minutes, where a warm-up would triple the run and lazy inits are lost in the noise."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        trim_heap()
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        base = status_kib("VmRSS")
+    t = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t
+    peak = torch.cuda.max_memory_allocated() - base if device.type == "cuda" else (status_kib("VmHWM") - base) * 1024
+    return seconds, max(0, peak)
+
+
 def fmt_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(n) < 1024 or unit == "GiB":

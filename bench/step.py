@@ -2,10 +2,12 @@
 
     .dev/venv/bin/python bench/step.py [--px 512 1024 2048 4096] [--plain-px 512 1024 2048]
                                        [--timeout 900] [--device cpu] [--channels 320]
+                                       [--once-from 2048]
 
 Batch 2 (cond + uncond, as with CFG). The plain model uses ComfyUI's default attention on
 this machine; the LinFusion model has every attn1 replaced by this pack's layer. Each case
-runs in a fresh process (clean peak memory). Prints time and peak memory per case, the
+runs in a fresh process (clean peak memory); sizes below --once-from are timed as the best
+of one call after a warm-up, larger ones (minutes each) by a single call. Prints time and peak memory per case, the
 speed-up at each size, the exponent of LinFusion's time vs pixel count between the
 smallest and largest sizes from 1024 px up, and the ratio of measured peak memory to the
 estimate ComfyUI is given for a LinFusion model (nodes/apply.py). Writes bench/out/step.{json,png}.
@@ -25,7 +27,7 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(HERE.parent))
 
 
-def run_case(mode: str, px: int, device: str, channels: int = 320) -> dict:
+def run_case(mode: str, px: int, device: str, channels: int = 320, once: bool = False) -> dict:
     import comfy_env
 
     comfy_env.setup(cpu=device == "cpu")
@@ -33,7 +35,7 @@ def run_case(mode: str, px: int, device: str, channels: int = 320) -> dict:
     import torch
 
     import linfusion
-    from bench.memory import measure
+    from bench.memory import measure, measure_once
     from linfusion.memory import inference_bytes
 
     dev = torch.device(device)
@@ -61,7 +63,8 @@ def run_case(mode: str, px: int, device: str, channels: int = 320) -> dict:
     t = torch.full((2,), 500.0, device=dev)
     ctx = torch.randn(2, 77, 768, device=dev, dtype=dtype)
     with torch.no_grad():
-        seconds, peak = measure(lambda: unet(x, timesteps=t, context=ctx), dev, repeats=1)
+        step = lambda: unet(x, timesteps=t, context=ctx)  # noqa: E731
+        seconds, peak = measure_once(step, dev) if once else measure(step, dev, repeats=1)
     # what ComfyUI is told a LinFusion model needs for this input (nodes/apply.py)
     estimate = inference_bytes(x.shape, x.element_size(), model.memory_usage_factor)
     return {"seconds": seconds, "peak_bytes": peak, "linfusion_estimate_bytes": estimate}
@@ -75,10 +78,12 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--channels", type=int, default=320,
                     help="UNet model_channels: 320 is SD1.5 itself; 32 is the small test layout")
-    ap.add_argument("--case", nargs=4, help=argparse.SUPPRESS)
+    ap.add_argument("--once-from", type=int, default=2048,
+                    help="from this size up, time one call with no warm-up (a 4096 px CPU step takes ~10 min)")
+    ap.add_argument("--case", nargs=5, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.case:
-        print(json.dumps(run_case(a.case[0], int(a.case[1]), a.case[2], int(a.case[3]))))
+        print(json.dumps(run_case(a.case[0], int(a.case[1]), a.case[2], int(a.case[3]), a.case[4] == "once")))
         return
     from bench.memory import fmt_bytes, run_child
 
@@ -87,7 +92,9 @@ def main() -> None:
         for mode, sizes in (("linfusion", a.px), ("plain", a.plain_px)):
             if px not in sizes:
                 continue
-            r = run_child([sys.executable, __file__, "--case", mode, str(px), a.device, str(a.channels)], a.timeout)
+            once = "once" if px >= a.once_from else "best"
+            r = run_child([sys.executable, __file__, "--case", mode, str(px), a.device, str(a.channels), once],
+                          a.timeout)
             results[mode][px] = r
             if "seconds" in r:
                 extra = (f", peak/estimate {r['peak_bytes'] / r['linfusion_estimate_bytes']:.2f}"
