@@ -35,51 +35,38 @@ def status_kib(field: str) -> int:
 def measure(fn: Callable[[], object], device: torch.device, repeats: int = 3) -> tuple[float, int]:
     """(best wall seconds over `repeats` after one warm-up, peak extra bytes of one call)."""
     fn()  # warm-up: lazy inits, allocator caches
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        trim_heap()
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        base = status_kib("VmRSS")
-        fn()
-        peak = (status_kib("VmHWM") - base) * 1024
+    _, peak = measure_once(fn, device)
     best = float("inf")
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t)
-    return best, max(0, peak)
+        best = min(best, measure_once(fn, device, peak=False)[0])
+    return best, peak
 
 
-def measure_once(fn: Callable[[], object], device: torch.device) -> tuple[float, int]:
+def measure_once(fn: Callable[[], object], device: torch.device, peak: bool = True) -> tuple[float, int]:
     """(wall seconds, peak extra bytes) of a single call, with no warm-up: for cases that take
-    minutes, where a warm-up would triple the run and lazy inits are lost in the noise."""
-    if device.type == "cuda":
+    minutes, where a warm-up would triple the run and lazy inits are lost in the noise.
+    With peak=False only the time is taken (and 0 returned for the bytes)."""
+    cuda = device.type == "cuda"
+    base = 0
+    if cuda:
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
+        if peak:
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+    elif peak:
         trim_heap()
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
         base = status_kib("VmRSS")
     t = time.perf_counter()
     fn()
-    if device.type == "cuda":
+    if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t
-    peak = torch.cuda.max_memory_allocated() - base if device.type == "cuda" else (status_kib("VmHWM") - base) * 1024
-    return seconds, max(0, peak)
+    if not peak:
+        return seconds, 0
+    used = torch.cuda.max_memory_allocated() - base if cuda else (status_kib("VmHWM") - base) * 1024
+    return seconds, max(0, used)
 
 
 def fmt_bytes(n: float) -> str:
