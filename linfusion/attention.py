@@ -141,10 +141,11 @@ def apply_summary(q: torch.Tensor, summary: torch.Tensor, eps: float = EPS,
     heads = q.shape[1]
     numbuf = torch.empty(heads * step * (dv + 1), dtype=torch.float32, device=q.device)
     for b in range(q.shape[0]):
+        sb = summary[b if summary.shape[0] > 1 else 0]  # a batch-1 summary serves every query batch
         for s in range(0, n, step):
             m = min(step, n - s)
             phi_q = _phi_into(q[b, :, s:s + m], pq[:, :m], tmp[:, :m])
-            num = torch.matmul(phi_q, summary[b], out=numbuf[:heads * m * (dv + 1)].view(heads, m, dv + 1))
+            num = torch.matmul(phi_q, sb, out=numbuf[:heads * m * (dv + 1)].view(heads, m, dv + 1))
             z = num[..., dv:].add_(eps)
             torch.div(num[..., :dv], z, out=out[b, :, s:s + m])
     return out

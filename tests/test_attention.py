@@ -37,6 +37,10 @@ def test_summary_is_mergeable(lf):
     assert lf.kv_summary(k, v).shape == (1, 2, 16, 17)
     err = (lf.apply_summary(q, s) - lf.linear_attention(q, k, v)).abs().max().item()
     assert err < 1e-5, err
+    # one summary (batch 1) serves a batch of queries, as broadcasting would
+    q3 = torch.randn(3, 2, 50, 16)
+    err = (lf.apply_summary(q3, s) - lf.linear_attention(q3, k.expand(3, -1, -1, -1), v.expand(3, -1, -1, -1)))
+    assert err.abs().max().item() < 1e-5
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
