@@ -395,10 +395,7 @@ class WorkflowServer:
         return self.server.url
 
     def log_text(self) -> str:
-        try:
-            return self.server.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
+        return self.server.log_text()
 
     def free(self) -> None:
         """Drop the server's loaded models and cached outputs (RAM for the tests that follow)."""
