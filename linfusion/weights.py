@@ -8,6 +8,9 @@ config is read from the metadata key `linfusion_config` (files this pack writes)
 inferred from the tensor shapes.
 
 Only safetensors are read: pickled checkpoints (.ckpt, .pt, .pth, .bin) are refused unopened.
+Files are treated as untrusted: the header is checked (tensor count, layer count, widths)
+before any tensor is read or any per-layer work is done, and the values must be finite
+floating-point numbers.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .families import Family, ModuleSpec, describe_layout, match_family
+from .families import FAMILIES, Family, ModuleSpec, describe_layout, match_family
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 CONFIG_NAME = "config.json"
@@ -32,6 +35,17 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 
 class LinFusionWeightsError(ValueError):
     """A weights file or folder that cannot be used; the message says why and what to do."""
+
+
+# Bounds checked before any per-layer work, so that a small hostile file (a config listing a
+# million layers, a header with 300k tiny tensors) is refused at once instead of expanding into
+# gigabytes of expected keys. No UNet has more self-attention layers than the largest known
+# layout (SDXL: 70), so no usable file exceeds these.
+MAX_MODULES = max(len(f.modules()) for f in FAMILIES.values())
+MAX_DIM = 1 << 14  # widths: SDXL's largest is 1280
+MAX_CONFIG_BYTES = 1 << 20  # the official SDXL config.json is 11.3 kB
+MAX_HEADER_BYTES = 2 << 20  # the official SDXL file's safetensors header is about 100 kB
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def module_shapes(spec: ModuleSpec) -> dict[str, tuple[int, ...]]:
@@ -47,6 +61,9 @@ def module_shapes(spec: ModuleSpec) -> dict[str, tuple[int, ...]]:
             f"{p}.3.weight": (d, m), f"{p}.3.bias": (d,),
         })
     return shapes
+
+
+TENSORS_PER_MODULE = len(module_shapes(ModuleSpec("", 1, 1, 1)))
 
 
 @dataclass
@@ -77,20 +94,35 @@ def parse_config(cfg: dict) -> list[ModuleSpec]:
     """
     if not isinstance(cfg, dict) or not isinstance(cfg.get("modules_list"), list) or not cfg["modules_list"]:
         raise LinFusionWeightsError("config has no non-empty 'modules_list': this is not a LinFusion config.json")
+    entries = cfg["modules_list"]
+    if len(entries) > MAX_MODULES:
+        raise LinFusionWeightsError(
+            f"config lists {len(entries)} layers; no supported UNet has more than {MAX_MODULES} self-attention "
+            "layers: this is not a LinFusion config.json")
     out = []
-    for i, e in enumerate(cfg["modules_list"]):
+    for i, e in enumerate(entries):
         try:
             if isinstance(e, dict):
                 name, dim, heads, mid = e["module_name"], int(e["dim_n"]), int(e["heads"]), e.get("projection_mid_dim")
             else:
                 name, dim, heads = e[0], int(e[1]), int(e[2])
                 mid = None
-        except (KeyError, IndexError, TypeError, ValueError) as exc:
-            raise LinFusionWeightsError(f"config modules_list entry {i} is malformed: {e!r}") from exc
-        if dim <= 0 or heads <= 0 or dim % heads:
+            mid = dim if mid is None else int(mid)
+        except (KeyError, IndexError, TypeError, ValueError, OverflowError) as exc:
+            raise LinFusionWeightsError(f"config modules_list entry {i} is malformed: {_short(e)}") from exc
+        if not isinstance(name, str) or not 0 < dim <= MAX_DIM or not 0 < mid <= MAX_DIM:
+            raise LinFusionWeightsError(
+                f"config modules_list entry {i} is malformed: {_short(e)} (a layer name and widths 1..{MAX_DIM})")
+        if heads <= 0 or dim % heads:
             raise LinFusionWeightsError(f"config entry {i} ({name}): dim {dim} does not split into {heads} heads")
-        out.append(ModuleSpec(str(name), dim, heads, dim if mid is None else int(mid)))
+        out.append(ModuleSpec(name, dim, heads, mid))
     return out
+
+
+def _short(value, limit: int = 120) -> str:
+    """repr() cut to `limit` characters, for messages that quote untrusted input."""
+    r = repr(value)
+    return r if len(r) <= limit else r[: limit - 3] + "..."
 
 
 def make_config(modules: list[ModuleSpec]) -> dict:
@@ -124,8 +156,6 @@ def infer_modules(shapes: dict[str, tuple[int, ...]]) -> list[ModuleSpec]:
         if q is None or p is None or len(q) != 2 or len(p) != 2:
             raise LinFusionWeightsError(f"layer {i} lacks to_q.weight or to_q_.0.weight: the file is incomplete")
         dims.append((q[0], p[0]))
-    from .families import FAMILIES  # local: families imports nothing from here
-
     for fam in FAMILIES.values():
         ref = fam.modules()
         if len(ref) == len(dims) and all((r.dim, r.mid_dim) == d for r, d in zip(ref, dims)):
@@ -155,16 +185,85 @@ def _validate(modules: list[ModuleSpec], shapes: dict[str, tuple[int, ...]], whe
             raise LinFusionWeightsError(f"{where}: {k} has shape {tuple(shapes[k])}, its config says {s}")
 
 
-def _open(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _damaged(path: Path, exc: Exception) -> LinFusionWeightsError:
+    return LinFusionWeightsError(
+        f"cannot read {path}: {exc}. The file is damaged or truncated (an interrupted download?): delete it "
+        "and download it again"
+    )
+
+
+def _read(path: Path, cfg_path: Path | None) -> tuple[list[ModuleSpec], dict[str, torch.Tensor], str]:
+    """(layers, state dict, description) of a safetensors file, checked before tensors are read:
+    the header's tensor count and shapes against the config (metadata, config.json beside it, or
+    inferred), so that no hostile header costs more than reading its first 8 bytes."""
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-            return {k: f.get_tensor(k) for k in f.keys()}, meta
-    except (SafetensorError, OSError, ValueError) as exc:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+    except OSError as exc:
+        raise _damaged(path, exc) from exc
+    header_bytes = int.from_bytes(head, "little") if len(head) == 8 else 0
+    if header_bytes > MAX_HEADER_BYTES:
         raise LinFusionWeightsError(
-            f"cannot read {path}: {exc}. The file is damaged or truncated (an interrupted download?): delete it "
-            "and download it again"
-        ) from exc
+            f"{path} has a {header_bytes}-byte safetensors header (LinFusion weights have about 100 kB): "
+            "this is not a LinFusion weights file")
+    try:
+        f = safe_open(str(path), framework="pt", device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise _damaged(path, exc) from exc
+    with f:
+        try:
+            meta = f.metadata() or {}
+            keys = list(f.keys())
+            if len(keys) > MAX_MODULES * TENSORS_PER_MODULE:
+                raise LinFusionWeightsError(
+                    f"{path} holds {len(keys)} tensors; LinFusion weights have {TENSORS_PER_MODULE} per layer and at "
+                    f"most {MAX_MODULES} layers: this is not a LinFusion weights file")
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in keys}
+        except (SafetensorError, OSError) as exc:
+            raise _damaged(path, exc) from exc
+        modules, where = _config(path, meta, cfg_path, shapes)
+        _validate(modules, shapes, where)
+        try:
+            sd = {k: f.get_tensor(k) for k in keys}
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise _damaged(path, exc) from exc
+    for k, t in sd.items():
+        if t.dtype not in FLOAT_DTYPES:
+            raise LinFusionWeightsError(
+                f"{where}: tensor {k} is {str(t.dtype).removeprefix('torch.')}; LinFusion weights are floating point "
+                "(float16, bfloat16 or float32): this file is damaged or not LinFusion weights")
+        if not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise LinFusionWeightsError(
+                f"{where}: tensor {k} has {bad} NaN or infinite values (they would give black images): the file is "
+                "damaged or came from a diverged training run; download it again or use another checkpoint")
+    return modules, sd, where
+
+
+def _config(path: Path, meta: dict[str, str], cfg_path: Path | None,
+            shapes: dict[str, tuple[int, ...]]) -> tuple[list[ModuleSpec], str]:
+    """The layer list from the file's metadata, else config.json beside it, else the shapes."""
+    if METADATA_KEY in meta:
+        source, where = f"{path}: its metadata '{METADATA_KEY}'", f"{path} (config in its metadata)"
+        text = meta[METADATA_KEY]
+    elif cfg_path is not None:
+        source, where = str(cfg_path), f"{path} with {cfg_path.name}"
+        try:
+            if cfg_path.stat().st_size > MAX_CONFIG_BYTES:
+                raise LinFusionWeightsError(
+                    f"{cfg_path} has {cfg_path.stat().st_size} bytes (a LinFusion config.json has a few kB): it is "
+                    "not the config of these weights; download it again")
+            text = cfg_path.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise LinFusionWeightsError(f"cannot read {cfg_path} ({exc}): download it again") from exc
+    else:
+        return infer_modules(shapes), f"{path} (no config; layout inferred)"
+    try:
+        return parse_config(json.loads(text)), where
+    except ValueError as exc:  # JSONDecodeError and LinFusionWeightsError
+        detail = f": {exc}" if isinstance(exc, LinFusionWeightsError) else f" is not valid JSON ({exc})"
+        raise LinFusionWeightsError(f"{source}{detail}. The file is damaged or not LinFusion's; download it "
+                                    "again") from exc
 
 
 def resolve_weights_path(path: str | os.PathLike) -> tuple[Path, Path | None]:
@@ -192,22 +291,7 @@ def resolve_weights_path(path: str | os.PathLike) -> tuple[Path, Path | None]:
 def load_weights(path: str | os.PathLike, dtype: torch.dtype | None = None) -> LinFusionWeights:
     """Load and validate LinFusion weights from a folder or a .safetensors file."""
     file, cfg_path = resolve_weights_path(path)
-    sd, meta = _open(file)
-    shapes = {k: tuple(v.shape) for k, v in sd.items()}
-    if METADATA_KEY in meta:
-        modules = parse_config(json.loads(meta[METADATA_KEY]))
-        where = f"{file} (config in its metadata)"
-    elif cfg_path is not None:
-        try:
-            cfg = json.loads(cfg_path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise LinFusionWeightsError(f"{cfg_path} is not valid JSON ({exc}): download it again") from exc
-        modules = parse_config(cfg)
-        where = f"{file} with {cfg_path.name}"
-    else:
-        modules = infer_modules(shapes)
-        where = f"{file} (no config; layout inferred)"
-    _validate(modules, shapes, where)
+    modules, sd, _ = _read(file, cfg_path)
     if dtype is not None:
         sd = {k: v.to(dtype) for k, v in sd.items()}
     return LinFusionWeights(modules, sd, source=str(file))
