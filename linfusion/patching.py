@@ -79,26 +79,37 @@ def plan_replacements(weights: LinFusionWeights, unet: nn.Module) -> list[Replac
     fam = model_family(unet)
     hint = (f"Use the LinFusion weights for {fam.label}: {fam.repo_id}." if fam else
             f"LinFusion weights exist for: {supported_families_text()}.")
-    mismatch = IncompatibleModelError(
-        f"LinFusion weights {weights.source or ''} are for {weights.describe()}, but the model is "
-        f"{describe_model(unet)}. {hint}"
-    )
+
+    def mismatch(difference: str) -> IncompatibleModelError:
+        return IncompatibleModelError(
+            f"LinFusion weights {weights.source or ''} are for {weights.describe()}, but the model is "
+            f"{describe_model(unet)}: {difference}. {hint}"
+        )
+
     if not layers:
         raise IncompatibleModelError(
             f"LinFusion cannot patch this model: it is {describe_model(unet)} (SD3, Flux, video and other "
             f"transformer models have none). LinFusion weights exist for: {supported_families_text()}."
         )
+    if len(weights.modules) != len(layers):
+        raise mismatch(f"the weights have {len(weights.modules)} layers, the model {len(layers)}")
     plan = []
-    try:
-        paths = [diffusers_to_ldm(s.name) for s in weights.modules]
-    except ValueError:
-        raise mismatch from None
-    if set(paths) != set(layers) or len(paths) != len(layers):
-        raise mismatch
+    paths = []
+    for spec in weights.modules:
+        try:
+            paths.append(diffusers_to_ldm(spec.name))
+        except ValueError:
+            raise mismatch(f"the weights' layer {spec.name!r} is not a UNet self-attention layer") from None
+    if set(paths) != set(layers):
+        missing = sorted(set(layers) - set(paths))
+        raise mismatch(f"the model's layer {missing[0]} has no weights ({len(missing)} such layers)")
     for i, (spec, path) in enumerate(zip(weights.modules, paths)):
         dim, heads = _layer_dim_heads(layers[path])
-        if spec.dim != dim or (spec.heads is not None and heads is not None and spec.heads != heads):
-            raise mismatch
+        if spec.dim != dim:
+            raise mismatch(f"layer {path} is {dim} wide in the model, {spec.dim} in the weights")
+        if spec.heads is not None and heads is not None and spec.heads != heads:
+            raise mismatch(f"layer {path} has {heads} heads in the model, {spec.heads} in the weights "
+                           "(SD1.x uses 8 heads everywhere, SD2.x and SDXL one per 64 channels)")
         h = spec.heads if spec.heads is not None else heads
         if h is None:
             raise IncompatibleModelError(f"{path}: the weights have no config and the layer does not say its heads: "

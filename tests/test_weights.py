@@ -159,3 +159,16 @@ def test_not_a_config(lf, tmp_path, official):
     (d / "config.json").write_text('{"_class_name": "UNet2DConditionModel"}')
     with pytest.raises(lf.LinFusionWeightsError, match="modules_list"):
         lf.load_weights(d)
+
+
+def test_wrong_family_message_names_what_differs(lf, official, meta_unets):
+    """SD1.x and SD2.x have the same layers and widths: the message must show the heads, not
+    two identical layer descriptions that read as a contradiction."""
+    cases = {
+        ("sd2", "sd15"): r"input_blocks\.1\.1\.transformer_blocks\.0\.attn1 has 8 heads in the model, 5 in the weights",
+        ("sd1", "sd21"): r"has 5 heads in the model, 8 in the weights",
+        ("sdxl", "sd15"): r"the weights have 70 layers, the model 16",
+    }
+    for (key, model), difference in cases.items():
+        with pytest.raises(lf.IncompatibleModelError, match=difference):
+            lf.plan_replacements(lf.load_weights(official[key]), meta_unets[model])
