@@ -44,6 +44,7 @@ import torch
 from comfy_api.latest import io
 
 from ..linfusion import highres as hr
+from .highres_checks import check_inputs, check_memory, check_target
 
 log = logging.getLogger("ComfyUI-LinFusion")
 
@@ -283,7 +284,7 @@ def resize_latent(latent: torch.Tensor, height: int, width: int) -> torch.Tensor
 # -- the stage loop ----------------------------------------------------------------------------
 def run_stages(model, positive, negative, latent: dict | None, vae, target_px: tuple[int, int],
                s: HighResSettings, image: torch.Tensor | None = None, single_stage: bool = False,
-               ) -> tuple[dict, HighResReport]:
+               node_name: str = "LinFusion high-res") -> tuple[dict, HighResReport]:
     """Upscale `latent` (or, for super-resolution, `image`) to `target_px` (w, h) in stages.
     Returns the final LATENT dict and a report."""
     res = resolve(model, s)
@@ -291,18 +292,27 @@ def run_stages(model, positive, negative, latent: dict | None, vae, target_px: t
         if vae is None:
             raise ValueError("LinFusion high-res: upscale_method 'pixel' needs a VAE; connect one, or choose "
                              "'latent' to upscale latents directly.")
+    check_target(node_name, target_px, "scale_by / width / height")
+    # plan and size check first: nothing is encoded, decoded or allocated for a plan that cannot run
+    if latent is not None:
+        base_hw = tuple(latent["samples"].shape[-2:])
+        batch = latent["samples"].shape[0]
+    else:  # super-resolution: the input's size on the latent grid
+        base_hw = tuple(hr.round_to_grid(v) // hr.LATENT_GRID for v in image.shape[1:3])
+        batch = image.shape[0]
+    tw, th = target_px
+    stages = hr.plan_stages(base_hw, (th // hr.LATENT_GRID, tw // hr.LATENT_GRID), s.steps, res.strength,
+                            s.strength_schedule, single_stage)
+    single_pixels = image is not None and single_stage and s.upscale_method == "pixel"
+    check_memory(node_name, model, stages, batch, s.cfg, s.low_memory,
+                 pixel_space=s.upscale_method == "pixel" or image is not None, latent_possible=not single_pixels)
     if image is not None and (s.upscale_method == "latent" or not single_stage):
         latent = {"samples": vae_encode(vae, _grid_image(image), s.vae_tile_size)}
     if latent is not None:
         base = latent["samples"]
         base = comfy.sample.fix_empty_latent_channels(model, base)
-        base_hw = tuple(base.shape[-2:])
-    else:  # super-resolution in one stage from pixels: the input's size on the latent grid
+    else:  # super-resolution in one stage from pixels
         base = None
-        base_hw = tuple(hr.round_to_grid(v) // hr.LATENT_GRID for v in image.shape[1:3])
-    tw, th = target_px
-    stages = hr.plan_stages(base_hw, (th // hr.LATENT_GRID, tw // hr.LATENT_GRID), s.steps, res.strength,
-                            s.strength_schedule, single_stage)
     sigmas_full = full_sigmas(model, s.steps, s.sampler_name, s.scheduler)
     stage_sigmas = [sigmas_full[-(st.steps + 1):] if st.steps > 0 else sigmas_full[:0] for st in stages]
     total = sum(len(sg) - 1 for sg in stage_sigmas if len(sg) > 1)
@@ -491,6 +501,28 @@ def _settings(seed, steps, cfg, sampler_name, scheduler, **kw) -> HighResSetting
     return HighResSettings(seed, steps, cfg, sampler_name, scheduler, cosine_scales=scales, anchor=anchor, **kw)
 
 
+_SETTING_INPUTS = ("seed", "steps", "cfg", "sampler_name", "scheduler", "method", "upscale_strength",
+                   "strength_schedule", "upscale_method", "cosine_scale_1", "cosine_scale_2", "cosine_scale_3",
+                   "gaussian_sigma", "anchor_stats", "low_memory", "vae_tile_size")
+
+
+def _pick(values: dict, names) -> dict:
+    return {k: values[k] for k in names if k in values}
+
+
+def _name(cls) -> str:
+    return cls.define_schema().display_name
+
+
+def _checked(cls, values: dict) -> dict:
+    """Every input checked against the node's schema before anything runs (issue 16); returns
+    them with whole floats on INT inputs made ints."""
+    values = {k: v for k, v in values.items() if k not in ("cls", "kw", "__class__")}
+    model = values.get("model")
+    fmt = model.get_model_object("latent_format") if hasattr(model, "get_model_object") else None
+    return check_inputs(cls.define_schema(), values, getattr(fmt, "latent_channels", None))
+
+
 def _latent_px(latent: dict) -> tuple[int, int]:
     h, w = latent["samples"].shape[-2:]
     return w * hr.LATENT_GRID, h * hr.LATENT_GRID
@@ -524,10 +556,11 @@ class LinFusionHighResSampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, latent_image, vae, scale_by, seed, steps, cfg, sampler_name,
                 scheduler) -> io.NodeOutput:
-        target = target_latent_size(_latent_px(latent_image), scale_by, 0, 0)
-        s = _settings(seed, steps, cfg, sampler_name, scheduler,
+        v = _checked(cls, locals())
+        target = target_latent_size(_latent_px(latent_image), v["scale_by"], 0, 0)
+        s = _settings(v["seed"], v["steps"], v["cfg"], sampler_name, scheduler,
                       low_memory=max(target) > SIMPLE_LOW_MEMORY_ABOVE)
-        out, _ = run_stages(model, positive, negative, latent_image, vae, target, s)
+        out, _ = run_stages(model, positive, negative, latent_image, vae, target, s, node_name=_name(cls))
         return io.NodeOutput(out)
 
 
@@ -558,9 +591,10 @@ class LinFusionHighResSamplerAdvanced(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, latent_image, scale_by, width, height, seed, steps, cfg,
                 sampler_name, scheduler, vae=None, **kw) -> io.NodeOutput:
-        target = target_latent_size(_latent_px(latent_image), scale_by, width, height)
+        v = _checked(cls, {**locals(), **kw})
+        target = target_latent_size(_latent_px(latent_image), v["scale_by"], v["width"], v["height"])
         out, _ = run_stages(model, positive, negative, latent_image, vae, target,
-                            _settings(seed, steps, cfg, sampler_name, scheduler, **kw))
+                            _settings(**_pick(v, _SETTING_INPUTS)), node_name=_name(cls))
         return io.NodeOutput(out)
 
 
@@ -592,11 +626,12 @@ class LinFusionSuperResolution(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, image, vae, scale_by, width, height, stages, seed, steps, cfg,
                 sampler_name, scheduler, **kw) -> io.NodeOutput:
+        v = _checked(cls, {**locals(), **kw})
         h, w = image.shape[1:3]
-        target = target_latent_size((w, h), scale_by, width, height)
-        s = _settings(seed, steps, cfg, sampler_name, scheduler, **kw)
+        target = target_latent_size((w, h), v["scale_by"], v["width"], v["height"])
+        s = _settings(**_pick(v, _SETTING_INPUTS))
         out, _ = run_stages(model, positive, negative, None, vae, target, s, image=image,
-                            single_stage=stages == "single")
+                            single_stage=stages == "single", node_name=_name(cls))
         return io.NodeOutput(vae_decode(vae, out["samples"], s.vae_tile_size), out)
 
 
