@@ -558,3 +558,125 @@ def test_v_prediction_model(H):
     sd21 = helpers.small_model("sd21")
     out, rep = run(H, sd21, (64, 64), base_latent(hw=(4, 4)), kind="sd21", steps=10)
     assert rep.shapes == [(1, 4, 8, 8)] and torch.isfinite(out).all() and out.std() > 0.5
+
+
+# -- issue 11: strength as a noise level, any model sampling, SDXL size conditioning, skipping ------
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+def test_start_sigma_same_for_every_scheduler(H, hrm, kind):
+    """A stage of strength s starts at the model's sigma of the reference timestep
+    (pipeline_highres_sdxl.py get_timesteps :732-737 on a 50-step leading schedule: 0.32 ->
+    t 301 ...) whatever the scheduler; the scheduler shapes the steps below it. The tail of the
+    full schedule (the old rule) started karras / exponential far lower."""
+    m = helpers.small_model(kind)
+    ms = m.get_model_object("model_sampling")
+    for strength, t in ((0.32, 301), (0.24, 221), (0.16, 141), (0.08, 61)):
+        st = hrm.Stage(1, 8, 8, strength, hrm.stage_steps(30, strength), 2, hrm.reference_timestep(strength))
+        want = float(ms.sigmas[t])
+        for sched in comfy.samplers.SCHEDULER_NAMES:
+            for sampler in ("euler", "uni_pc"):  # uni_pc drops the penultimate sigma (as KSampler does)
+                sg = H.stage_sigmas(m, st, sampler, sched)
+                assert abs(float(sg[0]) / want - 1) < 0.01, (sched, strength, float(sg[0]), want)
+                assert float(sg[-1]) == 0.0 and bool((sg[:-1] > 0).all()) and bool((sg.diff() <= 0).all())
+                if sched != "beta":  # beta merges repeated timesteps
+                    assert len(sg) - 1 == st.steps, (sched, sampler)
+    st = hrm.Stage(1, 8, 8, 0.32, 16, 2, 301)
+    old = {sched: float(H.full_sigmas(m, 50, "euler", sched)[-17]) for sched in ("normal", "karras", "exponential")}
+    assert old["karras"] < 0.5 * float(ms.sigmas[301]) and old["exponential"] < 0.25 * float(ms.sigmas[301])
+    # ddim_uniform at 50 steps: exactly the reference's timesteps 301, 281, ..., 1
+    sg = H.stage_sigmas(m, st, "euler", "ddim_uniform")
+    assert [int(ms.timestep(x.reshape(1))) for x in sg[:-1]] == list(range(301, 0, -20))
+
+
+def test_edm_model_refines_by_noise_level(H, hrm):
+    """EDM / continuous model sampling (Playground v2.5 through ComfyUI's
+    ModelSamplingContinuousEDM): its timestep() is 0.25 ln(sigma), which DemoFusion's cosine
+    factor (pipeline_highres_sdxl.py :1435) read as t ~ 0, so the refinement silently did
+    nothing. Now the stage starts at the reference's noise level and the factor comes from it."""
+    import comfy_extras.nodes_model_advanced as nma
+
+    edm = nma.ModelSamplingContinuousEDM().patch(helpers.small_model("sdxl"), "edm_playground_v2.5", 80.0, 0.002)[0]
+    ms = edm.get_model_object("model_sampling")
+    assert abs(float(ms.timestep(torch.tensor([0.5])))) < 1  # what the old code took for t
+    axis = H.NoiseAxis(edm)
+    assert axis.sigma(301) == pytest.approx(hrm.reference_sigma(301)) and not axis.discrete
+    assert axis.timestep(torch.tensor([hrm.reference_sigma(141)])) == pytest.approx(141, abs=1e-4)
+    calls = UnetCalls(edm)
+    try:
+        out, rep = run(H, edm, (64, 64), base_latent(hw=(4, 4)), kind="sdxl", method="demofusion", steps=10)
+    finally:
+        calls.close()
+    assert rep.start_sigmas[0] == pytest.approx(hrm.reference_sigma(301), rel=1e-5) and torch.isfinite(out).all()
+    sg = H.stage_sigmas(edm, rep.stages[0], "euler", "normal", axis)
+    with_dilated = [s for s in sg[:-1] if hrm.cosine_weights(axis.timestep(s))[1] > 0]
+    assert len(with_dilated) >= 2
+    assert len([c for c in calls.calls if c[1] == (2, 2)]) == len(with_dilated)
+
+
+def test_flow_model_refused(H):
+    import comfy_extras.nodes_model_advanced as nma
+
+    flow = nma.ModelSamplingSD3().patch(helpers.small_model("sd15"), 3.0)[0]
+    with pytest.raises(ValueError, match="flow matching .* Fix: use an SD1.x, SD2.x or SDXL-type model"):
+        run(H, flow, (64, 64), base_latent(hw=(4, 4)))
+
+
+def test_sdxl_size_conditioning_final_or_per_stage(H):
+    """The reference conditions the base and every stage on the final size
+    (pipeline_highres_sdxl.py :1129-1130, original_size = target_size = the actual final size):
+    size_conditioning 'final'. 'per stage' leaves ComfyUI's default (each stage's own size)."""
+    sdxl = helpers.small_model("sdxl")
+    seen = []
+    orig = sdxl.model.encode_adm
+
+    def spy(**kw):
+        seen.append((kw["width"], kw["height"], kw.get("target_width"), kw.get("target_height")))
+        return orig(**kw)
+
+    pos, neg = helpers.conds("sdxl")
+    plain = [[[c, {k: v for k, v in d.items() if k not in ("width", "height")}] for c, d in cond] for cond in (pos, neg)]
+    sdxl.model.encode_adm = spy
+    try:
+        for mode in ("final", "per stage"):
+            with torch.inference_mode():
+                H.run_stages(sdxl, *plain, {"samples": base_latent(hw=(4, 4))}, None, (128, 128),
+                             settings(H, steps=4, size_conditioning=mode, native_size=32, upscale_method="latent"))
+            if mode == "final":
+                final, seen = set(seen), []
+        per_stage = set(seen)
+        seen.clear()
+        with torch.inference_mode():  # sizes the conditioning sets itself are kept
+            H.run_stages(sdxl, pos, neg, {"samples": base_latent(hw=(4, 4))}, None, (64, 64),
+                         settings(H, steps=4, native_size=32))
+    finally:
+        del sdxl.model.encode_adm
+    assert final == {(128, 128, 128, 128)}
+    assert per_stage == {(64, 64, None, None), (128, 128, None, None)}
+    assert set(seen) == {(512, 512, 64, 64)}
+
+
+def test_negligible_dilated_passes_skipped(H, hrm, model):
+    """The dilated pass is skipped where its weight c2 = cf**cosine_scale_2 is below
+    DILATED_MIN_WEIGHT (0.02, t < 90): it could move that step's prediction by at most
+    c2 |D_dilated - D_local|. The result stays far closer to the full computation than the
+    refinement's whole effect (bench/highres_skip.py has the timings)."""
+    assert hrm.DILATED_MIN_WEIGHT == 0.02
+    base = base_latent(hw=(8, 8))
+    kw = dict(steps=20, anchor="off")
+    calls = UnetCalls(model)
+    try:
+        full, rep = run(H, model, (256, 256), base, dilated_min_weight=0.0, **kw)
+        n_full = len(calls.calls)
+        skipped, _ = run(H, model, (256, 256), base, dilated_min_weight=0.02, **kw)
+        n_skip = len(calls.calls) - n_full
+    finally:
+        calls.close()
+    expect = 0
+    for st in rep.stages:
+        for s in H.stage_sigmas(model, st, "euler", "normal")[:-1]:
+            c2 = hrm.cosine_weights(float(model.get_model_object("model_sampling").timestep(s.reshape(1))))[1]
+            expect += 0 < c2 < 0.02
+    assert expect >= 2 and n_full - n_skip == expect
+    sdedit, _ = run(H, model, (256, 256), base, method="sdedit", upscale_strength=0.32, strength_schedule="linear",
+                    **kw)
+    effect = (full - sdedit).abs().max()
+    assert 0 < (skipped - full).abs().max() < 0.1 * effect

@@ -42,11 +42,13 @@ def graph(scale_by: float, width: int = 0, height: int = 0) -> dict:
         "highres": {"class_type": "LinFusionHighResSamplerAdvanced", "inputs": {
             "model": ["linfusion", 0], "positive": ["pos", 0], "negative": ["neg", 0],
             "latent_image": ["base", 0], "vae": ["ckpt", 2], "scale_by": scale_by, "width": width, "height": height,
-            # 4 x 0.25 = 1 step; 'simple' puts it at t ~ 250 (cf ~ 0.15), so the dilated branch runs too
+            # 4 x 0.25 = 1 step from t 241 (the reference's 50-step schedule at 0.25, rounded up): cf ~ 0.14,
+            # so the dilated branch runs too; native_size 64: this base counts as native (dilation 2)
             "seed": SEED, "steps": 4, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple",
             "method": "demofusion", "upscale_strength": 0.25, "strength_schedule": "linear",
             "upscale_method": "pixel", "cosine_scale_1": 3.0, "cosine_scale_2": 1.0, "cosine_scale_3": 1.0,
-            "gaussian_sigma": 1.0, "anchor_stats": "auto", "low_memory": False, "vae_tile_size": 2048}},
+            "gaussian_sigma": 1.0, "anchor_stats": "auto", "low_memory": False, "vae_tile_size": 2048,
+            "native_size": 64}},
         "decode": {"class_type": "VAEDecode", "inputs": {"samples": ["highres", 0], "vae": ["ckpt", 2]}},
         "save": {"class_type": "SaveImage", "inputs": {"images": ["decode", 0], "filename_prefix": "highres/x2"}},
     }
@@ -75,7 +77,7 @@ def test_base_ksampler_highres_decode_save(server):
     assert px.std() > 5
     log = server.log_text()
     assert re.search(r"LinFusion high-res: demofusion, 1 stage\(s\) 64x64 -> 128x128 px; strengths 0\.25; "
-                     r"steps 1 of 4; dilation 2; pixel upscale", log), log[-3000:]
+                     r"steps 1 of 4; start t 241 \(sigma [\d.]+\); dilation 2; pixel upscale", log), log[-3000:]
     assert re.search(r"LinFusion high-res: stage 1/1 128x128 px, 1 steps, [\d.]+ s", log)
 
 
