@@ -633,7 +633,8 @@ def test_sdxl_size_conditioning_final_or_per_stage(H):
         return orig(**kw)
 
     pos, neg = helpers.conds("sdxl")
-    plain = [[[c, {k: v for k, v in d.items() if k not in ("width", "height")}] for c, d in cond] for cond in (pos, neg)]
+    plain = [[[c, {k: v for k, v in d.items() if k not in ("width", "height")}] for c, d in cond]
+             for cond in (pos, neg)]
     sdxl.model.encode_adm = spy
     try:
         for mode in ("final", "per stage"):
