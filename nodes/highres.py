@@ -43,7 +43,7 @@ import comfy.samplers
 import comfy.utils
 import latent_preview
 import torch
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
 from ..linfusion import highres as hr
 from .highres_checks import check_inputs, check_memory, check_target
@@ -54,6 +54,7 @@ METHODS = ("auto", "sdedit", "demofusion")
 UPSCALE_METHODS = ("pixel", "latent")
 ANCHOR_CHOICES = ("auto", "on", "off")
 SIZE_CONDITIONING = ("final", "per stage")
+STAGE_IMAGES = ("off", "preview", "save")
 FF_CHUNKS = 16  # the reference's low-memory feed-forward chunking
 DEFAULT_VAE_TILE = 2048  # the SD1.5 notebook tiles the VAE from 4K on, with 2048 px tiles
 SIMPLE_LOW_MEMORY_ABOVE = 4096  # px, long side: the simple node turns low-memory mode on above this
@@ -412,14 +413,19 @@ def resize_latent(latent: torch.Tensor, height: int, width: int) -> torch.Tensor
 # -- the stage loop ----------------------------------------------------------------------------
 def run_stages(model, positive, negative, latent: dict | None, vae, target_px: tuple[int, int],
                s: HighResSettings, image: torch.Tensor | None = None, single_stage: bool = False,
-               node_name: str = "LinFusion high-res") -> tuple[dict, HighResReport]:
+               node_name: str = "LinFusion high-res", stage_image=None) -> tuple[dict, HighResReport]:
     """Upscale `latent` (or, for super-resolution, `image`) to `target_px` (w, h) in stages.
-    Returns the final LATENT dict and a report."""
+    Returns the final LATENT dict and a report. `stage_image(stage, IMAGE)`, if given, receives
+    the decoded result of every stage but the last, one at a time (the pixel upscale's own
+    decode when there is one): nothing keeps them, so at 16K only one stage image exists."""
     res = resolve(model, s)
     if s.upscale_method == "pixel" or image is not None:
         if vae is None:
             raise ValueError("LinFusion high-res: upscale_method 'pixel' needs a VAE; connect one, or choose "
                              "'latent' to upscale latents directly.")
+    if stage_image is not None and vae is None:
+        raise ValueError(f"{node_name}: stage_images needs a VAE to decode the stages; connect one, or set "
+                         "stage_images to 'off'.")
     check_target(node_name, target_px, "scale_by / width / height")
     # plan and size check first: nothing is encoded, decoded or allocated for a plan that cannot run
     if latent is not None:
@@ -480,6 +486,8 @@ def run_stages(model, positive, negative, latent: dict | None, vae, target_px: t
             init = resize_latent(current_latent, st.height, st.width)
         else:
             pixels = current_image if current_image is not None else vae_decode(vae, current_latent, s.vae_tile_size)
+            if stage_image is not None and current_image is None and st.index > 1:
+                stage_image(stages[st.index - 2], pixels)  # the previous stage's result, decoded anyway
             current_latent = current_image = None
             init = vae_encode(vae, resize_image(pixels, w_px, h_px), s.vae_tile_size)
             del pixels
@@ -513,6 +521,8 @@ def run_stages(model, positive, negative, latent: dict | None, vae, target_px: t
         done = offset + n
         pbar.update_absolute(done, total)  # the stage is complete whatever the sampler reported
         current_latent = samples
+        if stage_image is not None and st.index < len(stages) and s.upscale_method == "latent":
+            stage_image(st, vae_decode(vae, samples, s.vae_tile_size))
         report.shapes.append(tuple(samples.shape))
         report.seconds.append(time.perf_counter() - t0)
         log.info("LinFusion high-res: stage %d/%d %dx%d px, %d steps, %.1f s", st.index, len(stages), w_px, h_px,
@@ -561,6 +571,10 @@ TIP_SCHEDULE = ("How the strength falls from stage to stage. auto: notebook for 
 TIP_SIZE_COND = ("SDXL-like models only: the size the model is told (original and target size). final: the final "
                  "image's size at every stage, as the reference. per stage: each stage's own size (ComfyUI's "
                  "default for plain CLIPTextEncode). Sizes a CLIPTextEncodeSDXL sets are kept.")
+TIP_STAGE_IMAGES = ("Images of the stages before the last. preview: shown on this node (temporary files); save: "
+                    "written to the output folder as LinFusion/stage_<k>. Each stage is decoded (tiled like the "
+                    "upscale), written and dropped before the next, so a 16K run never holds them all; pixel "
+                    "upscaling reuses the decode it makes anyway. Needs the VAE.")
 TIP_NATIVE = ("The model's native resolution (long side, px) that the dilated branch's dilation counts from: "
               "dilation = ceil(stage long side / this). 0 = the family's: 512 SD1.x, 768 SD2.x (v), 1024 SDXL. "
               "Set it for fine-tunes trained at another size.")
@@ -635,6 +649,8 @@ def _refine_inputs() -> list:
         io.Combo.Input("size_conditioning", options=list(SIZE_CONDITIONING), default="final", optional=True,
                        tooltip=TIP_SIZE_COND),
         io.Int.Input("native_size", default=0, min=0, max=4096, step=8, optional=True, tooltip=TIP_NATIVE),
+        io.Combo.Input("stage_images", options=list(STAGE_IMAGES), default="off", optional=True,
+                       tooltip=TIP_STAGE_IMAGES),
     ]
 
 
@@ -675,6 +691,33 @@ def _checked(cls, values: dict) -> dict:
     model = values.get("model")
     fmt = model.get_model_object("latent_format") if hasattr(model, "get_model_object") else None
     return check_inputs(cls.define_schema(), values, getattr(fmt, "latent_channels", None))
+
+
+class StageImages:
+    """stage_images: writes each stage's decoded image as it comes (PNG, temp or output folder)
+    and keeps only the file names for the node's UI."""
+
+    def __init__(self, node_cls, mode: str):
+        self.node_cls, self.mode = node_cls, mode
+        self.results: list = []
+
+    @property
+    def hook(self):
+        return None if self.mode == "off" else self._save
+
+    def _save(self, stage: hr.Stage, image: torch.Tensor) -> None:
+        w, h = stage.pixel_size
+        if self.mode == "save":
+            prefix, folder, level = f"LinFusion/stage_{stage.index}_{w}x{h}", io.FolderType.output, 4
+        else:
+            prefix, folder, level = f"LinFusion_stage_{stage.index}_temp", io.FolderType.temp, 1
+        cls = self.node_cls if getattr(self.node_cls, "hidden", None) else None  # PNG metadata from the prompt
+        self.results += ui.ImageSaveHelper.save_images(image, prefix, folder, cls, compress_level=level)
+        log.info("LinFusion high-res: stage %d image (%dx%d px) written to the %s folder", stage.index, w, h,
+                 folder.value)
+
+    def ui(self):
+        return ui.SavedImages(self.results) if self.results else None
 
 
 def _latent_px(latent: dict) -> tuple[int, int]:
@@ -747,9 +790,10 @@ class LinFusionHighResSamplerAdvanced(io.ComfyNode):
                 sampler_name, scheduler, vae=None, **kw) -> io.NodeOutput:
         v = _checked(cls, {**locals(), **kw})
         target = target_latent_size(_latent_px(latent_image), v["scale_by"], v["width"], v["height"])
+        saver = StageImages(cls, v.get("stage_images") or "off")
         out, _ = run_stages(model, positive, negative, latent_image, vae, target,
-                            _settings(**_pick(v, _SETTING_INPUTS)), node_name=_name(cls))
-        return io.NodeOutput(out)
+                            _settings(**_pick(v, _SETTING_INPUTS)), node_name=_name(cls), stage_image=saver.hook)
+        return io.NodeOutput(out, ui=saver.ui())
 
 
 class LinFusionSuperResolution(io.ComfyNode):
@@ -763,9 +807,9 @@ class LinFusionSuperResolution(io.ComfyNode):
                 "Upscales an existing image with the model: 'single' goes straight to the target in one stage "
                 "(the reference super-resolution pipeline: bicubic to the target, encode, refine with dilation "
                 "ceil(target long side / the model's native long side, 1024 for SDXL)); 'progressive' runs x2 "
-                "stages like the high-res sampler. The reference README's 'x2, repeat' chain: chain this node "
-                "with scale_by 2, or better use stages 'progressive' (the same x2 steps with strengths falling "
-                "per stage and one VAE round trip per stage)."
+                "stages like the high-res sampler. The reference README's chain for larger factors (x2, "
+                "repeat: each run at 0.32, the dilation rising with the size) is stages 'progressive' with "
+                "strength_schedule 'constant', in one node; 'auto' lowers the strength per stage instead."
             ),
             inputs=[
                 *_conditioning_inputs(),
@@ -787,9 +831,10 @@ class LinFusionSuperResolution(io.ComfyNode):
         h, w = image.shape[1:3]
         target = target_latent_size((w, h), v["scale_by"], v["width"], v["height"])
         s = _settings(**_pick(v, _SETTING_INPUTS))
+        saver = StageImages(cls, v.get("stage_images") or "off")
         out, _ = run_stages(model, positive, negative, None, vae, target, s, image=image,
-                            single_stage=stages == "single", node_name=_name(cls))
-        return io.NodeOutput(vae_decode(vae, out["samples"], s.vae_tile_size), out)
+                            single_stage=stages == "single", node_name=_name(cls), stage_image=saver.hook)
+        return io.NodeOutput(vae_decode(vae, out["samples"], s.vae_tile_size), out, ui=saver.ui())
 
 
 NODES = [LinFusionHighResSampler, LinFusionHighResSamplerAdvanced, LinFusionSuperResolution]

@@ -681,3 +681,42 @@ def test_negligible_dilated_passes_skipped(H, hrm, model):
                     **kw)
     effect = (full - sdedit).abs().max()
     assert 0 < (skipped - full).abs().max() < 0.1 * effect
+
+
+@pytest.mark.parametrize("upscale", ["latent", "pixel"])
+def test_stage_images_one_at_a_time(H, model, vae, node_classes, tmp_path, monkeypatch, upscale):
+    """stage_images: every stage but the last is decoded, written and dropped before the next
+    stage (never all held); with pixel upscaling the decode the upscale makes anyway is reused
+    (no extra VAE call)."""
+    import folder_paths
+
+    monkeypatch.setattr(folder_paths, "get_output_directory", lambda: str(tmp_path / "out"))
+    monkeypatch.setattr(folder_paths, "get_temp_directory", lambda: str(tmp_path / "tmp"))
+    decodes = []
+    orig = vae.decode
+    monkeypatch.setattr(vae, "decode", lambda x, *a, **k: decodes.append(tuple(x.shape)) or orig(x, *a, **k))
+    pos, neg = helpers.conds(KIND)
+    kw = dict(model=model, positive=pos, negative=neg, latent_image={"samples": base_latent(hw=(4, 4))}, vae=vae,
+              scale_by=4.0, width=0, height=0, seed=1, steps=4, cfg=5.0, sampler_name="euler", scheduler="normal",
+              method="sdedit", upscale_strength=0.0, strength_schedule="auto", upscale_method=upscale,
+              cosine_scale_1=3.0, cosine_scale_2=1.0, cosine_scale_3=1.0, gaussian_sigma=0.8, anchor_stats="auto",
+              low_memory=False, vae_tile_size=2048)
+    adv = node_classes["LinFusionHighResSamplerAdvanced"]
+    with torch.inference_mode():
+        plain = adv.execute(**kw)
+        n_plain = len(decodes)
+        shown = adv.execute(**kw, stage_images="preview")
+        saved = adv.execute(**kw, stage_images="save")
+    assert plain.ui is None and torch.equal(plain.result[0]["samples"], shown.result[0]["samples"])
+    if upscale == "pixel":
+        assert 2 * n_plain == len(decodes) - n_plain  # the same decodes, no more
+    else:
+        assert n_plain == 0 and len(decodes) == 2  # one stage image per run
+    for out, folder in ((shown, tmp_path / "tmp"), (saved, tmp_path / "out")):
+        images = out.ui.as_dict()["images"]
+        from PIL import Image
+
+        sizes = [Image.open(folder / r["subfolder"] / r["filename"]).size for r in images]
+        assert sizes == [(64, 64)]  # stage 1 of 2 (the last is the node's output)
+    with pytest.raises(ValueError, match="stage_images needs a VAE"), torch.inference_mode():
+        adv.execute(**{**kw, "vae": None, "upscale_method": "latent"}, stage_images="save")
