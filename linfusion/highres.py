@@ -3,14 +3,15 @@
 Two reference procedures (LinFusion repository, examples/ and src/pipelines/):
 
 * Progressive SDEdit (SD1.5 notebook): base image, then stages that each double the size
-  (bicubic in pixel space, VAE encode) and run img2img with strength 0.4, 0.3, 0.2, 0.1 on a
-  50-step schedule (20/15/10/5 steps), same seed at every stage.
+  (bicubic in pixel space, VAE encode) and run img2img with strength 0.4, 0.3, 0.2, 0.1 (a
+  table by stage, not a linspace) on a 50-step schedule (int(): 20/15/10/5 steps), same seed.
 * DemoFusion-style refinement (SDXL high-res pipeline): the same stages with strengths
-  linspace(0.32, 0, n+1)[k-1], and in every step of stage k
+  linspace(0.32, 0, n+1)[k-1] and ceil(steps x strength) steps, and in every step of stage k
       cf = 0.5 * (1 + cos(pi * (1000 - t) / 1000))
       skip residual   x <- (1 - c1) x + c1 * noised(x0_upscaled, t),     c1 = cf ** cosine_scale_1
       local branch    UNet + CFG on x
-      dilated branch  UNet + CFG with every Conv2d dilated by r = 2**k, on x blurred by a
+      dilated branch  UNet + CFG with every Conv2d dilated by r = 2**k (the stage's long side over
+                      the native 1024 px; super-resolution: ceil(target long side / 1024)), on x blurred by a
                       Gaussian (kernel 2r-1, sigma = gaussian_sigma * (0.99 * cf ** cosine_scale_3 + 0.01))
                       and re-standardised to the per-channel mean/std of x
       mix             (1 - c2) * local + c2 * dilated,                   c2 = cf ** cosine_scale_2
@@ -25,6 +26,13 @@ is a convex combination of two states at the same noise level, so it is the same
 space; `noised` below is the sigma-space form. The host maps sigma back to t with its own
 model sampling (ComfyUI: `model_sampling.timestep(sigma)`, the nearest training timestep)
 and passes t to `cosine_factor`.
+
+Strength is a noise level. The reference's schedulers run 50 "leading" steps (t = 981, ...,
+1) and an img2img pass of strength s starts n = ceil / int(50 s) steps before the end, at
+t = 20 (n - 1) + 1 (`reference_timestep`). The host starts each stage at its model's sigma
+for that t and lets the user's scheduler shape the steps below it, so the start does not
+depend on the scheduler. For models without a timestep axis (EDM) the host uses the noise
+level SD's training schedule has at t (`reference_sigma`, `reference_timestep_of_sigma`).
 
 Nothing here imports ComfyUI; the glue lives in the pack's nodes/highres.py.
 """

@@ -2,20 +2,23 @@
 (LinFusion High-Res Sampler, simple and advanced) and super-resolution of an IMAGE.
 
 Integration with ComfyUI sampling: every stage runs through `comfy.sample.sample_custom`
-with the stage's sigmas (the tail of the full schedule of the chosen scheduler, as img2img
-strength defines it), so every ComfyUI sampler and scheduler works. The refinement wraps
+with the stage's sigmas: the chosen scheduler's shape from the stage's start noise level
+(the model's sigma at the reference timestep of the stage's strength, see `stage_sigmas`)
+down to 0, so every ComfyUI sampler and scheduler works and all start at the same noise
+level. The refinement wraps
 the chosen sampler (a `comfy.samplers.KSAMPLER` whose sampler function is the original
 one, given a model proxy). The proxy sees the sampler's state x and the sigma of every
 model evaluation and does, in sigma space:
 
-    t  = model_sampling.timestep(sigma)           (nearest training timestep, 0..999)
+    t  = model_sampling.timestep(sigma)           (nearest training timestep, 0..999; EDM
+                                                   models: the reference noise level's t)
     x <- (1 - c1) x + c1 * noise_scaling(sigma, noise, x0_upscaled)   in place, so the
          sampler steps from the blended state exactly as the reference steps from it
     D_local   = model(x)                         (CFG, ControlNets, hooks: ComfyUI's own path)
     D_dilated = model(blur(x)) with every UNet Conv2d dilated, taken back to x:
                 + calculate_denoised(sigma, 0, x - blur(x))  (the reference steps the
                 dilated branch's noise prediction from x, not from the blurred input)
-    return (1 - c2) D_local + c2 D_dilated
+    return (1 - c2) D_local + c2 D_dilated       (D_local alone when c2 < 0.02: skipped)
 
 A k-diffusion step is affine in the denoised prediction for a given state, so mixing the
 predictions equals mixing the two branches' step results as the reference does. Samplers
