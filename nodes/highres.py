@@ -442,9 +442,9 @@ def run_stages(model, positive, negative, latent: dict | None, vae, target_px: t
     stages = hr.plan_stages(base_hw, (th // hr.LATENT_GRID, tw // hr.LATENT_GRID), s.steps, res.strength,
                             res.schedule, single_stage, native_long=res.native_px // hr.LATENT_GRID,
                             rounding=res.rounding)
-    single_pixels = image is not None and single_stage and s.upscale_method == "pixel"
+    # super-resolution decodes its output at the target size whatever the upscale method
     check_memory(node_name, model, stages, batch, s.cfg, s.low_memory,
-                 pixel_space=s.upscale_method == "pixel" or image is not None, latent_possible=not single_pixels)
+                 pixel_space=s.upscale_method == "pixel" or image is not None, latent_possible=image is None)
     if image is not None and (s.upscale_method == "latent" or not single_stage):
         latent = {"samples": vae_encode(vae, _grid_image(image), s.vae_tile_size)}
     if latent is not None:
