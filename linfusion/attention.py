@@ -230,9 +230,16 @@ class LinFusionAttention(nn.Module):
         transformer_options: dict | None = None,
         **_ignored: Any,
     ) -> torch.Tensor:
-        """x: (B, N, dim) -> (B, N, dim). `context`/`value` replace the key/value tokens
-        (reference-style patches feed extra tokens this way). Unknown keywords from other
-        callers are accepted and ignored."""
+        """x: (B, N, dim) -> (B, N, dim). `context`/`value` (B, Nk, dim) replace the key/value
+        tokens (reference-style patches feed extra tokens this way). Unknown keywords from other
+        callers are accepted and ignored.
+
+        With Nk key tokens != N query tokens, both kv and mean(phi(k)) are means over the Nk
+        KEY tokens. The official module (src/linfusion/attention.py:70-73) takes the normaliser's
+        mean over keys but divides kv by the QUERY count (sequence_length**-0.5 twice); it only
+        ever runs self-attention, where the counts agree. Its output would scale by Nk / N with
+        extra keys (twice the key tokens, twice the output); the mean over keys keeps numerator
+        and normaliser consistent, so repeating the key tokens changes nothing."""
         if self.uses_softmax(x.shape[1]):
             kwargs = {} if transformer_options is None else {"transformer_options": transformer_options}
             return self.softmax_attn(x, context=context, value=value, mask=mask, **kwargs)

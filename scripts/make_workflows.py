@@ -172,6 +172,15 @@ def text_encoders(g: G, clip, pos_text: str, neg_text: str, x: int, y: int, pid=
            color=("#322", "#533"))
 
 
+def sdxl_encoders(g: G, clip, pos_text: str, x: int, y: int, pid=3, nid=4):
+    """SDXL as the reference runs it: no negative prompt, so the negative conditioning is zeros
+    (diffusers' force_zeros_for_empty_prompt): ConditioningZeroOut of the positive."""
+    g.node(pid, "CLIPTextEncode", (x, y), (420, 160), "Positive prompt", {"text": pos_text}, {"clip": clip},
+           color=("#232", "#353"))
+    g.node(nid, "ConditioningZeroOut", (x, y + 200), (320, 60), "Negative: zeros (as the reference)", {},
+           {"conditioning": (pid, 0)}, color=("#322", "#533"))
+
+
 NEG = "blurry, low quality, lowres, deformed, watermark, text, signature"
 
 
@@ -197,7 +206,8 @@ def wf_sd15_2k(oi) -> tuple[str, dict]:
         "SD1.5 + LinFusion: text-to-image at 512 x 512, then x4 to 2048 x 2048.\n\n"
         "Apply LinFusion replaces every self-attention layer of the UNet with LinFusion's linear attention. "
         "The LinFusion High-Res Sampler then doubles the image twice (512 -> 1024 -> 2048), re-denoising each stage "
-        "(progressive SDEdit, strengths 0.4 and 0.2 of a 50-step schedule: 20 + 10 steps), as the LinFusion "
+        "(progressive SDEdit, strengths 0.4 and 0.3 of a 50-step schedule, the reference notebook's table: 20 + 15 "
+        "steps, starting at timesteps 381 and 281), as the LinFusion "
         "reference does for SD1.5. The 512 px base is saved too.\n\n"
         + files_text("v1-5-pruned-emaonly.safetensors") + "\n" + linfusion_text("sd15") + "\n\n"
         "Headless: python scripts/run_workflow.py workflows/sd15_linfusion_512_to_2k.json")})
@@ -218,9 +228,9 @@ def wf_sd15_16k(oi) -> tuple[str, dict]:
     g.node(8, "SaveImage", (880, 540), (420, 300), "Save 1024 x 512", {"filename_prefix": "LinFusion/sd15_1k"}, {"images": (7, 0)})
     g.node(9, "LinFusionHighResSamplerAdvanced", (1340, 120), (360, 620), "x16 in 4 stages (-> 16384 x 8192)",
            {"scale_by": 16.0, "width": 0, "height": 0, "seed": 3, "steps": 50, "cfg": 7.5, "sampler_name": "euler",
-            "scheduler": "normal", "method": "sdedit", "upscale_strength": 0.4, "strength_schedule": "linear",
+            "scheduler": "normal", "method": "sdedit", "upscale_strength": 0.4, "strength_schedule": "auto",
             "upscale_method": "pixel", "cosine_scale_1": 3.0, "cosine_scale_2": 1.0, "cosine_scale_3": 1.0,
-            "gaussian_sigma": 1.0, "anchor_stats": "auto", "low_memory": True, "vae_tile_size": 2048},
+            "gaussian_sigma": 0.8, "anchor_stats": "auto", "low_memory": True, "vae_tile_size": 2048},
            {"model": (2, 0), "positive": (3, 0), "negative": (4, 0), "latent_image": (6, 0), "vae": (1, 2)})
     g.node(10, "VAEDecodeTiled", (1740, 120), (300, 150), None,
            {"tile_size": 2048, "overlap": 64, "temporal_size": 64, "temporal_overlap": 8}, {"samples": (9, 0), "vae": (1, 2)})
@@ -229,7 +239,8 @@ def wf_sd15_16k(oi) -> tuple[str, dict]:
     g.node(12, "Note", (40, 40), (340, 260), "About this workflow", {"text": (
         "SD1.5 ultra resolution: 1024 x 512 base -> 16384 x 8192 (16K) in four x2 stages, the schedule of the "
         "LinFusion reference notebook (examples/inference/ultra_text2image_w_sdedit.ipynb): img2img strengths "
-        "0.4, 0.3, 0.2, 0.1 of a 50-step schedule (20/15/10/5 steps) at 2048 x 1024, 4096 x 2048, 8192 x 4096 "
+        "0.4, 0.3, 0.2, 0.1 (strength_schedule auto = the notebook's table for sdedit) of a 50-step schedule "
+        "(20/15/10/5 steps from timesteps 381/281/181/81) at 2048 x 1024, 4096 x 2048, 8192 x 4096 "
         "and 16384 x 8192, the same seed at every stage, VAE tiled in 2048 px tiles from 4K on. Low-memory mode "
         "evaluates positive and negative one after the other and chunks the feed-forward layers.\n\n"
         "Expect many minutes on a large GPU (the reference needs 80 GB for the last stage; low-memory mode "
@@ -244,8 +255,8 @@ def wf_sdxl_4k(oi) -> tuple[str, dict]:
     g.name = "sdxl_linfusion_1024_to_4k"
     g.node(1, "CheckpointLoaderSimple", (40, 340), (340, 100), None, {"ckpt_name": "sd_xl_base_1.0.safetensors"})
     g.node(2, "ApplyLinFusion", (40, 500), (340, 110), None, {"weights": "auto", "softmax_max_tokens": 0}, {"model": (1, 0)})
-    text_encoders(g, (1, 1), "An astronaut floating in space. Beautiful view of the stars and the universe in the "
-                  "background.", NEG, 420, 120)
+    sdxl_encoders(g, (1, 1), "An astronaut floating in space. Beautiful view of the stars and the universe in the "
+                  "background.", 420, 120)
     g.node(5, "EmptyLatentImage", (420, 520), (320, 110), "Base size (1024 x 1024)",
            {"width": 1024, "height": 1024, "batch_size": 1})
     g.node(6, "KSampler", (880, 120), (320, 270), "Base image (1024 px)",
@@ -255,7 +266,7 @@ def wf_sdxl_4k(oi) -> tuple[str, dict]:
     g.node(8, "SaveImage", (880, 540), (380, 420), "Save 1024 px", {"filename_prefix": "LinFusion/sdxl_1k"}, {"images": (7, 0)})
     g.node(9, "LinFusionHighResSamplerAdvanced", (1300, 120), (360, 620), "x4, DemoFusion-style (-> 4096 px)",
            {"scale_by": 4.0, "width": 0, "height": 0, "seed": 42, "steps": 50, "cfg": 7.5, "sampler_name": "euler",
-            "scheduler": "normal", "method": "demofusion", "upscale_strength": 0.32, "strength_schedule": "linear",
+            "scheduler": "normal", "method": "demofusion", "upscale_strength": 0.32, "strength_schedule": "auto",
             "upscale_method": "pixel", "cosine_scale_1": 3.0, "cosine_scale_2": 1.0, "cosine_scale_3": 1.0,
             "gaussian_sigma": 0.8, "anchor_stats": "auto", "low_memory": False, "vae_tile_size": 2048},
            {"model": (2, 0), "positive": (3, 0), "negative": (4, 0), "latent_image": (6, 0), "vae": (1, 2)})
@@ -265,7 +276,9 @@ def wf_sdxl_4k(oi) -> tuple[str, dict]:
     g.node(12, "Note", (40, 40), (340, 260), "About this workflow", {"text": (
         "SDXL + LinFusion: 1024 x 1024 base, then x4 to 4096 x 4096 with DemoFusion-style refinement "
         "(LinFusion's SDXL high-res pipeline, examples/inference/ultra_text2image_sdxl.ipynb): two x2 stages, "
-        "strengths 0.32 and 0.16 of a 50-step schedule; in every step a skip residual toward the upscaled image "
+        "strengths 0.32 and 0.16 of a 50-step schedule (16 + 8 steps from timesteps 301 and 141, dilation 2 and "
+        "4); the negative conditioning is zeroed, as the reference's; in every step a skip residual toward the "
+        "upscaled image "
         "(cosine_scale_1 = 3) and a global branch run with dilated convolutions on a blurred latent "
         "(cosine_scale_2 = 1, cosine_scale_3 = 1, gaussian_sigma = 0.8), two UNet evaluations per step; each "
         "stage re-standardised to the base latent's colour statistics.\n\n"
@@ -280,12 +293,12 @@ def wf_sdxl_sr(oi) -> tuple[str, dict]:
     g.name = "sdxl_linfusion_superres_x2"
     g.node(1, "CheckpointLoaderSimple", (40, 340), (340, 100), None, {"ckpt_name": "sd_xl_base_1.0.safetensors"})
     g.node(2, "ApplyLinFusion", (40, 500), (340, 110), None, {"weights": "auto", "softmax_max_tokens": 0}, {"model": (1, 0)})
-    text_encoders(g, (1, 1), "a detailed, sharp, high-resolution photograph", NEG, 420, 120)
+    sdxl_encoders(g, (1, 1), "a detailed, sharp, high-resolution photograph", 420, 120)
     g.node(5, "LoadImage", (420, 520), (340, 420), "Image to upscale", {"image": "example.png"})
     g.node(6, "LinFusionSuperResolution", (900, 120), (360, 660), "Super-resolution x2",
            {"scale_by": 2.0, "width": 0, "height": 0, "stages": "single", "seed": 123, "steps": 50, "cfg": 7.5,
             "sampler_name": "euler", "scheduler": "normal", "method": "demofusion", "upscale_strength": 0.32,
-            "strength_schedule": "linear", "upscale_method": "pixel", "cosine_scale_1": 3.0, "cosine_scale_2": 1.0,
+            "strength_schedule": "auto", "upscale_method": "pixel", "cosine_scale_1": 3.0, "cosine_scale_2": 1.0,
             "cosine_scale_3": 1.0, "gaussian_sigma": 0.8, "anchor_stats": "auto", "low_memory": False,
             "vae_tile_size": 2048},
            {"model": (2, 0), "positive": (3, 0), "negative": (4, 0), "image": (5, 0), "vae": (1, 2)})
@@ -295,9 +308,13 @@ def wf_sdxl_sr(oi) -> tuple[str, dict]:
         "SDXL super-resolution x2 of an existing image (LinFusion's SDXL super-resolution pipeline, "
         "examples/inference/superres_sdxl.ipynb): the image is resized bicubically to twice its size, encoded, "
         "and refined in one stage of strength 0.32 (16 of 50 steps) with the DemoFusion-style skip residual "
-        "and dilated global branch (dilation 2, gaussian_sigma 0.8). Describe the image in the positive prompt.\n\n"
+        "and dilated global branch (dilation = ceil(target long side / 1024): 2 for a 1024 px input, 4 for 2048 px; "
+        "gaussian_sigma 0.8), negative conditioning zeroed as the reference's. Describe the image in the positive "
+        "prompt.\n\n"
         "Load your own image in 'Image to upscale' (the reference upscales SDXL's 1024 px images to 2048 px; "
-        "ComfyUI ships example.png, 768 px). stages = progressive runs x2 stages for larger factors.\n\n"
+        "ComfyUI ships example.png, 768 px). For larger factors the reference README chains x2 runs (each at "
+        "0.32, the dilation rising with the size): stages = progressive with strength_schedule = constant does "
+        "exactly that in one node; 'auto' lowers the strength per stage as the high-res pipeline does.\n\n"
         + files_text("sd_xl_base_1.0.safetensors") + "\n" + linfusion_text("sdxl") + "\n\n"
         "Headless: python scripts/run_workflow.py workflows/sdxl_linfusion_superres_x2.json "
         "--input-file photo.png --set image=photo.png")})

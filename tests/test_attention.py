@@ -157,3 +157,27 @@ def test_gradients_match_formula(lf):
     want = [x.grad] + [p.grad for p in layer.parameters()]
     # the core runs in fp32 whatever the input: compare at fp32 precision
     assert max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(got, want)) < 1e-5
+
+
+def test_extra_key_tokens_normalise_by_key_count(lf):
+    """With Nk key tokens != Nq queries, kv is a mean over the KEYS. The official module
+    (src/linfusion/attention.py:70-73, github:Huage001/LinFusion @62ef289) divides kv by the
+    query count (sequence_length = hidden_states' length) while its normaliser averages the
+    keys: its output is ours x Nk / Nq. Repeating the key tokens leaves ours unchanged."""
+    g = torch.Generator().manual_seed(4)
+    q, k, v = torch.randn(2, 4, 96, 16, generator=g), torch.randn(2, 4, 30, 16, generator=g), torch.randn(
+        2, 4, 30, 16, generator=g)
+    ours = lf.linear_attention(q, k, v).double()
+    fq, fk = (torch.nn.functional.elu(t.double()) + 1 for t in (q, k))
+    z = fq @ fk.mean(dim=-2, keepdim=True).transpose(-2, -1) + 1e-4
+    official = fq @ ((fk.transpose(-2, -1) * 96**-0.5) @ (v.double() * 96**-0.5)) / z
+    assert (ours - official * 96 / 30).abs().max() < 1e-5
+    assert (ours - official).abs().max() > 0.5 * ours.abs().max()  # the two really differ here
+    twice = lf.linear_attention(q, torch.cat([k, k], dim=2), torch.cat([v, v], dim=2)).double()
+    assert (twice - ours).abs().max() < 1e-5
+    # self-attention (Nk = Nq): the same as the official
+    k2, v2 = torch.randn(2, 4, 96, 16, generator=g), torch.randn(2, 4, 96, 16, generator=g)
+    fk2 = torch.nn.functional.elu(k2.double()) + 1
+    z2 = fq @ fk2.mean(dim=-2, keepdim=True).transpose(-2, -1) + 1e-4
+    off2 = fq @ ((fk2.transpose(-2, -1) * 96**-0.5) @ (v2.double() * 96**-0.5)) / z2
+    assert (lf.linear_attention(q, k2, v2).double() - off2).abs().max() < 1e-5

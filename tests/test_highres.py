@@ -58,8 +58,13 @@ def settings(H, **kw):
 
 
 def run(H, model, target_px, latent=None, kind=KIND, image=None, vae=None, single=False, **kw):
-    """run_stages under inference mode; returns (samples, report)."""
+    """run_stages under inference mode; returns (samples, report). These tiny models' "native
+    size" is the base's own (dilation 2 at the first x2 stage, as the reference from 1024 px),
+    and every dilated pass runs (dilated_min_weight 0) unless a test says otherwise."""
     b = (latent if latent is not None else image).shape[0]
+    src = latent.shape[-2:] if latent is not None else (v // 8 for v in image.shape[1:3])
+    kw.setdefault("native_size", max(src) * 8)
+    kw.setdefault("dilated_min_weight", 0.0)
     pos, neg = helpers.conds(kind, batch=1)
     lat = None if latent is None else {"samples": latent}
     with torch.inference_mode():
@@ -147,29 +152,95 @@ def progress(monkeypatch):
 
 # -- the plan: reference numbers ------------------------------------------------------------------
 def test_stage_plan_1k_to_16k_matches_reference(hrm):
+    """The reference's stage plan (github:Huage001/LinFusion @62ef289).
+    SDXL high-res, src/pipelines/pipeline_highres_sdxl.py: stages double from the native
+    1024 px (num_scales, :1117), strengths linspace(0.32, 0, n + 1) (:1271), steps
+    min(ceil(steps * strength), steps) (get_timesteps, :732), dilation cur_ratio = 2**k (:1388)
+    with the base at the UNet's default sample size (:301), i.e. stage long side / native.
+    SD1.5 notebook, examples/inference/ultra_text2image_w_sdedit.ipynb lines 115-199:
+    strengths 0.4, 0.3, 0.2, 0.1 by stage, through diffusers img2img (int(steps * strength))."""
     # SDXL pipeline: base long side 1024 px (128 latent), target 16384 px, 50 steps, 0.32.
-    sdxl = hrm.plan_stages((128, 128), (2048, 2048), 50, hrm.DEMOFUSION_STRENGTH)
+    sdxl = hrm.plan_stages((128, 128), (2048, 2048), 50, hrm.DEMOFUSION_STRENGTH, "linear", native_long=128)
     assert [s.pixel_size for s in sdxl] == [(2048, 2048), (4096, 4096), (8192, 8192), (16384, 16384)]
     assert [s.strength for s in sdxl] == pytest.approx([0.32, 0.24, 0.16, 0.08], abs=1e-12)
     # the pipeline's own float32 linspace gives the same values
     assert [s.strength for s in sdxl] == pytest.approx(torch.linspace(0.32, 0, 5)[:-1].tolist(), abs=1e-7)
     assert [s.steps for s in sdxl] == [16, 12, 8, 4]
     assert [s.dilation for s in sdxl] == [2, 4, 8, 16]
-    # SD1.5 notebook: 1024x512 -> 2K -> 4K -> 8K -> 16K with 0.4, 0.3, 0.2, 0.1 of 50 steps.
-    sd1 = hrm.plan_stages((64, 128), (1024, 2048), 50, hrm.SDEDIT_STRENGTH)
+    assert [s.start_timestep for s in sdxl] == [301, 221, 141, 61]
+    # SD1.5 notebook: 1024x512 -> 2K -> 4K -> 8K -> 16K with 0.4, 0.3, 0.2, 0.1 of 50 steps; the
+    # dilation (if refinement is chosen) counts from SD1.5's native 512 px
+    sd1 = hrm.plan_stages((64, 128), (1024, 2048), 50, hrm.SDEDIT_STRENGTH, "notebook", native_long=64,
+                          rounding="int")
     assert [s.pixel_size for s in sd1] == [(2048, 1024), (4096, 2048), (8192, 4096), (16384, 8192)]
     assert [s.strength for s in sd1] == pytest.approx([0.4, 0.3, 0.2, 0.1], abs=1e-12)
     assert [s.steps for s in sd1] == [20, 15, 10, 5]
-    # super-resolution pipeline: one stage straight to the target, dilation ceil(target / input)
-    (sr,) = hrm.plan_stages((128, 96), (384, 288), 50, 0.32, single_stage=True)
-    assert (sr.pixel_size, sr.steps, sr.dilation) == ((2304, 3072), 16, 3)
+    assert [s.start_timestep for s in sd1] == [381, 281, 181, 81]
+    assert [s.dilation for s in sd1] == [4, 8, 16, 32]
     # a target that is not a power-of-two multiple: doubles, then exactly the target
-    odd = hrm.plan_stages((128, 128), (375, 300), 50, 0.32)
+    odd = hrm.plan_stages((128, 128), (375, 300), 50, 0.32, native_long=128)
     assert [(s.height, s.width) for s in odd] == [(256, 256), (375, 300)]
     assert [s.dilation for s in odd] == [2, 3] and [s.steps for s in odd] == [16, 8]
     assert hrm.stage_strengths(3, 0.3, "constant") == [0.3, 0.3, 0.3]
     assert [hrm.round_to_grid(v) for v in (131, 70, 3, 1000)] == [128, 72, 8, 1000]
-    assert hrm.stage_steps(50, 0.3) == 15 and hrm.stage_steps(4, 0.32) == 1 and hrm.stage_steps(3, 0.32) == 0
+
+
+def test_superres_dilation_from_native_long_side(hrm):
+    """Super-resolution, src/pipelines/pipeline_superres_sdxl.py: num_scales =
+    ceil(max(W, H) / default_size) (:1115-1118), the dilation of every conv (:1346-1347): the
+    TARGET's long side over SDXL's native 1024 px, not target / input. Steps ceil (:733)."""
+    cases = {(1024, 2048): 2, (2048, 4096): 4, (8192, 16384): 16, (512, 2048): 2, (1024, 3000): 3}
+    for (src, dst), r in cases.items():
+        (st,) = hrm.plan_stages((src // 8, src // 8), (dst // 8, dst // 8), 50, 0.32, single_stage=True,
+                                native_long=1024 // 8)
+        assert (st.dilation, st.steps, st.start_timestep) == (r, 16, 301), (src, dst)
+    # a 2048 px input of an SD1.5 model (native 512) to 4096 px: r = 8
+    (st,) = hrm.plan_stages((256, 256), (512, 512), 50, 0.32, single_stage=True, native_long=64)
+    assert st.dilation == 8
+
+
+def test_steps_ceil_for_demofusion_int_for_sdedit_never_zero(hrm):
+    """Steps per stage: ceil(steps * strength) in the SDXL pipelines (pipeline_highres_sdxl.py
+    :732, pipeline_superres_sdxl.py :733); int(steps * strength) in diffusers' img2img (the
+    SD1.5 notebook). A stage with strength > 0 runs at least one step (no stage that is
+    upscaled but never denoised)."""
+    x16 = hrm.plan_stages((128, 128), (2048, 2048), 10, 0.32, "linear", native_long=128)
+    assert [s.steps for s in x16] == [4, 3, 2, 1]  # floor gave 3, 2, 1, 0
+    x16 = hrm.plan_stages((64, 64), (1024, 1024), 5, 0.4, "notebook", native_long=64, rounding="int")
+    assert [s.steps for s in x16] == [2, 1, 1, 1]  # int(5 x 0.1) = 0 -> 1
+    assert hrm.stage_steps(50, 0.3, "int") == 15 and hrm.stage_steps(50, 0.3, "ceil") == 15
+    assert hrm.stage_steps(4, 0.32) == 2 and hrm.stage_steps(4, 0.32, "int") == 1
+    assert hrm.stage_steps(3, 0.01, "int") == 1 and hrm.stage_steps(3, 0.0) == 0
+    # float32 strengths as the pipeline's linspace makes them: still 16, 12, 8, 4
+    assert [hrm.stage_steps(50, float(v)) for v in torch.linspace(0.32, 0, 5)[:-1]] == [16, 12, 8, 4]
+    for steps in range(1, 101):
+        for s in hrm.plan_stages((128, 128), (2048, 2048), steps, 0.32, native_long=128):
+            assert 1 <= s.steps <= steps
+
+
+def test_strength_to_reference_timestep_and_notebook_table(hrm):
+    """Strength as a noise level: the reference's schedulers are 50-step 'leading' schedules
+    with steps_offset 1 (SDXL base's EulerDiscrete config; t = 981, 961, ..., 1), and an
+    img2img pass of strength s starts at timesteps[50 - n] with n = ceil / int(50 s)
+    (get_timesteps, pipeline_highres_sdxl.py :732-737). Notebook strengths
+    (ultra_text2image_w_sdedit.ipynb lines 119, 151, 169, 199): 0.4, 0.3, 0.2, 0.1 by stage."""
+    leading = [20 * i + 1 for i in range(50)][::-1]  # 981 ... 1
+    for s in (0.32, 0.24, 0.16, 0.08, 0.5, 0.33, 0.02, 1.0):
+        n = min(math.ceil(50 * s - 1e-6), 50)
+        assert hrm.reference_timestep(s) == leading[50 - n]
+    assert [hrm.reference_timestep(s) for s in (0.32, 0.24, 0.16, 0.08)] == [301, 221, 141, 61]
+    assert [hrm.reference_timestep(s, "int") for s in (0.4, 0.3, 0.2, 0.1)] == [381, 281, 181, 81]
+    assert hrm.stage_strengths(2, 0.4, "notebook") == pytest.approx([0.4, 0.3])  # linear gave 0.4, 0.2
+    assert hrm.stage_strengths(3, 0.4, "notebook") == pytest.approx([0.4, 0.3, 0.2])  # linear: .4 .267 .133
+    assert hrm.stage_strengths(6, 0.4, "notebook") == pytest.approx([0.4, 0.3, 0.2, 0.1, 0.05, 0.05])
+    assert hrm.stage_strengths(2, 0.03, "notebook") == pytest.approx([0.03, 0.03])
+    assert hrm.stage_strengths(4, 0.32, "linear") == pytest.approx([0.32, 0.24, 0.16, 0.08])
+    # the noise level of a reference timestep: SD's scaled-linear training schedule
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    abar = torch.cumprod(1 - betas, 0)
+    assert hrm.reference_sigma(301) == pytest.approx(float(((1 - abar[301]) / abar[301]).sqrt()), rel=1e-12)
+    for t in (0.0, 61.0, 300.5, 999.0):
+        assert hrm.reference_timestep_of_sigma(hrm.reference_sigma(t)) == pytest.approx(t, abs=1e-6)
 
 
 def test_cosine_blur_dilation_pieces(hrm):
@@ -194,6 +265,7 @@ def test_cosine_blur_dilation_pieces(hrm):
     ma, sa = hrm.channel_stats(a)
     assert (ma - 0.5).abs().max() < 1e-5 and (sa - 2.0).abs().max() < 1e-5
     assert hrm.dilation_ratio(2048, 1024) == 2 and hrm.dilation_ratio(3000, 1024) == 3
+    assert hrm.dilation_ratio(1024, 1024) == 1 and hrm.dilation_ratio(512, 1024) == 1
 
 
 def test_dilation_and_chunking_always_restore(hrm):
@@ -271,9 +343,9 @@ def test_stage_sizes_and_seeds(H, model):
     base = base_latent(hw=(4, 4))
     a, rep = run(H, model, (128, 128), base)
     assert rep.shapes == [(1, 4, 8, 8), (1, 4, 16, 16)]
-    # demofusion's 0.32, 0.16 of 10 steps
-    assert [s.steps for s in rep.stages] == [3, 1] and [s.dilation for s in rep.stages] == [2, 4]
-    assert len(rep.seconds) == 2 and rep.progress_total == 4
+    # demofusion's 0.32, 0.16 of 10 steps, rounded up
+    assert [s.steps for s in rep.stages] == [4, 2] and [s.dilation for s in rep.stages] == [2, 4]
+    assert len(rep.seconds) == 2 and rep.progress_total == 6
     b, _ = run(H, model, (128, 128), base)
     c, _ = run(H, model, (128, 128), base, seed=8)
     assert torch.equal(a, b)
@@ -303,9 +375,9 @@ def test_every_sampler_runs_the_refined_step(H, model, sampler):
     finally:
         calls.close()
     (stage,) = rep.stages
-    assert stage.steps == 3 and rep.shapes == [(1, 4, 16, 16)] and torch.isfinite(a).all()
+    assert stage.steps == 4 and rep.shapes == [(1, 4, 16, 16)] and torch.isfinite(a).all()
     # model evaluations: one per step; heun adds a corrector at the next sigma for all steps but the last
-    sigmas = H.full_sigmas(model, 10, sampler, "normal")[-(stage.steps + 1):]
+    sigmas = H.stage_sigmas(model, stage, sampler, "normal")
     evals = list(sigmas[:-1]) + (list(sigmas[1:-1]) if sampler == "heun" else [])
     ms = model.get_model_object("model_sampling")
     with_dilated = [s for s in evals if int(ms.timestep(s.reshape(1))) > 0]  # cf = 0 at t = 0
@@ -401,7 +473,7 @@ def test_one_progress_bar_with_previews(H, model, vae, progress):
     base = base_latent(hw=(4, 4))
     _, rep = run(H, model, (128, 128), base, upscale_method="pixel", vae=vae, vae_tile_size=32)
     total = rep.progress_total
-    assert total == 4
+    assert total == 6  # 4 + 2 steps
     assert {t for _, t, _ in progress} == {total}  # the tiled VAE's own bars stay silent
     values = [v for v, _, _ in progress]
     assert values[-1] == total and values == sorted(values)
@@ -474,11 +546,177 @@ def test_sdxl_defaults_to_demofusion(H, hrm):
         out, rep = run(H, sdxl, (64, 64), base_latent(hw=(4, 4)), kind="sdxl", method="auto", steps=8)
     finally:
         calls.close()
-    assert rep.shapes == [(1, 4, 8, 8)] and rep.stages[0].steps == 2 and torch.isfinite(out).all()
-    assert [c[1] for c in calls.calls] == [(1, 1), (2, 2), (1, 1)]  # no dilated branch at t = 0
+    assert rep.shapes == [(1, 4, 8, 8)] and rep.stages[0].steps == 3 and torch.isfinite(out).all()
+    # normal from t 301: 301, 150.5, 0; no dilated branch at t = 0
+    assert [c[1] for c in calls.calls] == [(1, 1), (2, 2), (1, 1), (2, 2), (1, 1)]
+    assert res.native_px == 1024 and res1.native_px == 768 and res.rounding == "ceil" and res1.rounding == "int"
+    assert (res.schedule, res1.schedule) == ("linear", "notebook")
+    assert H.resolve(helpers.small_model("sd15"), s).native_px == 512
 
 
 def test_v_prediction_model(H):
     sd21 = helpers.small_model("sd21")
     out, rep = run(H, sd21, (64, 64), base_latent(hw=(4, 4)), kind="sd21", steps=10)
     assert rep.shapes == [(1, 4, 8, 8)] and torch.isfinite(out).all() and out.std() > 0.5
+
+
+# -- issue 11: strength as a noise level, any model sampling, SDXL size conditioning, skipping ------
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+def test_start_sigma_same_for_every_scheduler(H, hrm, kind):
+    """A stage of strength s starts at the model's sigma of the reference timestep
+    (pipeline_highres_sdxl.py get_timesteps :732-737 on a 50-step leading schedule: 0.32 ->
+    t 301 ...) whatever the scheduler; the scheduler shapes the steps below it. The tail of the
+    full schedule (the old rule) started karras / exponential far lower."""
+    m = helpers.small_model(kind)
+    ms = m.get_model_object("model_sampling")
+    for strength, t in ((0.32, 301), (0.24, 221), (0.16, 141), (0.08, 61)):
+        st = hrm.Stage(1, 8, 8, strength, hrm.stage_steps(30, strength), 2, hrm.reference_timestep(strength))
+        want = float(ms.sigmas[t])
+        for sched in comfy.samplers.SCHEDULER_NAMES:
+            for sampler in ("euler", "uni_pc"):  # uni_pc drops the penultimate sigma (as KSampler does)
+                sg = H.stage_sigmas(m, st, sampler, sched)
+                assert abs(float(sg[0]) / want - 1) < 0.01, (sched, strength, float(sg[0]), want)
+                assert float(sg[-1]) == 0.0 and bool((sg[:-1] > 0).all()) and bool((sg.diff() <= 0).all())
+                if sched != "beta":  # beta merges repeated timesteps
+                    assert len(sg) - 1 == st.steps, (sched, sampler)
+    st = hrm.Stage(1, 8, 8, 0.32, 16, 2, 301)
+    old = {sched: float(H.full_sigmas(m, 50, "euler", sched)[-17]) for sched in ("normal", "karras", "exponential")}
+    assert old["karras"] < 0.5 * float(ms.sigmas[301]) and old["exponential"] < 0.25 * float(ms.sigmas[301])
+    # ddim_uniform at 50 steps: exactly the reference's timesteps 301, 281, ..., 1
+    sg = H.stage_sigmas(m, st, "euler", "ddim_uniform")
+    assert [int(ms.timestep(x.reshape(1))) for x in sg[:-1]] == list(range(301, 0, -20))
+
+
+def test_edm_model_refines_by_noise_level(H, hrm):
+    """EDM / continuous model sampling (Playground v2.5 through ComfyUI's
+    ModelSamplingContinuousEDM): its timestep() is 0.25 ln(sigma), which DemoFusion's cosine
+    factor (pipeline_highres_sdxl.py :1435) read as t ~ 0, so the refinement silently did
+    nothing. Now the stage starts at the reference's noise level and the factor comes from it."""
+    import comfy_extras.nodes_model_advanced as nma
+
+    edm = nma.ModelSamplingContinuousEDM().patch(helpers.small_model("sdxl"), "edm_playground_v2.5", 80.0, 0.002)[0]
+    ms = edm.get_model_object("model_sampling")
+    assert abs(float(ms.timestep(torch.tensor([0.5])))) < 1  # what the old code took for t
+    axis = H.NoiseAxis(edm)
+    assert axis.sigma(301) == pytest.approx(hrm.reference_sigma(301)) and not axis.discrete
+    assert axis.timestep(torch.tensor([hrm.reference_sigma(141)])) == pytest.approx(141, abs=1e-4)
+    calls = UnetCalls(edm)
+    try:
+        out, rep = run(H, edm, (64, 64), base_latent(hw=(4, 4)), kind="sdxl", method="demofusion", steps=10)
+    finally:
+        calls.close()
+    assert rep.start_sigmas[0] == pytest.approx(hrm.reference_sigma(301), rel=1e-5) and torch.isfinite(out).all()
+    sg = H.stage_sigmas(edm, rep.stages[0], "euler", "normal", axis)
+    with_dilated = [s for s in sg[:-1] if hrm.cosine_weights(axis.timestep(s))[1] > 0]
+    assert len(with_dilated) >= 2
+    assert len([c for c in calls.calls if c[1] == (2, 2)]) == len(with_dilated)
+
+
+def test_flow_model_refused(H):
+    import comfy_extras.nodes_model_advanced as nma
+
+    flow = nma.ModelSamplingSD3().patch(helpers.small_model("sd15"), 3.0)[0]
+    with pytest.raises(ValueError, match="flow matching .* Fix: use an SD1.x, SD2.x or SDXL-type model"):
+        run(H, flow, (64, 64), base_latent(hw=(4, 4)))
+
+
+def test_sdxl_size_conditioning_final_or_per_stage(H):
+    """The reference conditions the base and every stage on the final size
+    (pipeline_highres_sdxl.py :1129-1130, original_size = target_size = the actual final size):
+    size_conditioning 'final'. 'per stage' leaves ComfyUI's default (each stage's own size)."""
+    sdxl = helpers.small_model("sdxl")
+    seen = []
+    orig = sdxl.model.encode_adm
+
+    def spy(**kw):
+        seen.append((kw["width"], kw["height"], kw.get("target_width"), kw.get("target_height")))
+        return orig(**kw)
+
+    pos, neg = helpers.conds("sdxl")
+    plain = [[[c, {k: v for k, v in d.items() if k not in ("width", "height")}] for c, d in cond]
+             for cond in (pos, neg)]
+    sdxl.model.encode_adm = spy
+    try:
+        for mode in ("final", "per stage"):
+            with torch.inference_mode():
+                H.run_stages(sdxl, *plain, {"samples": base_latent(hw=(4, 4))}, None, (128, 128),
+                             settings(H, steps=4, size_conditioning=mode, native_size=32, upscale_method="latent"))
+            if mode == "final":
+                final, seen = set(seen), []
+        per_stage = set(seen)
+        seen.clear()
+        with torch.inference_mode():  # sizes the conditioning sets itself are kept
+            H.run_stages(sdxl, pos, neg, {"samples": base_latent(hw=(4, 4))}, None, (64, 64),
+                         settings(H, steps=4, native_size=32))
+    finally:
+        del sdxl.model.encode_adm
+    assert final == {(128, 128, 128, 128)}
+    assert per_stage == {(64, 64, None, None), (128, 128, None, None)}
+    assert set(seen) == {(512, 512, 64, 64)}
+
+
+def test_negligible_dilated_passes_skipped(H, hrm, model):
+    """The dilated pass is skipped where its weight c2 = cf**cosine_scale_2 is below
+    DILATED_MIN_WEIGHT (0.02, t < 90): it could move that step's prediction by at most
+    c2 |D_dilated - D_local|. The result stays far closer to the full computation than the
+    refinement's whole effect (bench/highres_skip.py has the timings)."""
+    assert hrm.DILATED_MIN_WEIGHT == 0.02
+    base = base_latent(hw=(8, 8))
+    kw = dict(steps=20, anchor="off")
+    calls = UnetCalls(model)
+    try:
+        full, rep = run(H, model, (256, 256), base, dilated_min_weight=0.0, **kw)
+        n_full = len(calls.calls)
+        skipped, _ = run(H, model, (256, 256), base, dilated_min_weight=0.02, **kw)
+        n_skip = len(calls.calls) - n_full
+    finally:
+        calls.close()
+    expect = 0
+    for st in rep.stages:
+        for s in H.stage_sigmas(model, st, "euler", "normal")[:-1]:
+            c2 = hrm.cosine_weights(float(model.get_model_object("model_sampling").timestep(s.reshape(1))))[1]
+            expect += 0 < c2 < 0.02
+    assert expect >= 2 and n_full - n_skip == expect
+    sdedit, _ = run(H, model, (256, 256), base, method="sdedit", upscale_strength=0.32, strength_schedule="linear",
+                    **kw)
+    effect = (full - sdedit).abs().max()
+    assert 0 < (skipped - full).abs().max() < 0.1 * effect
+
+
+@pytest.mark.parametrize("upscale", ["latent", "pixel"])
+def test_stage_images_one_at_a_time(H, model, vae, node_classes, tmp_path, monkeypatch, upscale):
+    """stage_images: every stage but the last is decoded, written and dropped before the next
+    stage (never all held); with pixel upscaling the decode the upscale makes anyway is reused
+    (no extra VAE call)."""
+    import folder_paths
+
+    monkeypatch.setattr(folder_paths, "get_output_directory", lambda: str(tmp_path / "out"))
+    monkeypatch.setattr(folder_paths, "get_temp_directory", lambda: str(tmp_path / "tmp"))
+    decodes = []
+    orig = vae.decode
+    monkeypatch.setattr(vae, "decode", lambda x, *a, **k: decodes.append(tuple(x.shape)) or orig(x, *a, **k))
+    pos, neg = helpers.conds(KIND)
+    kw = dict(model=model, positive=pos, negative=neg, latent_image={"samples": base_latent(hw=(4, 4))}, vae=vae,
+              scale_by=4.0, width=0, height=0, seed=1, steps=4, cfg=5.0, sampler_name="euler", scheduler="normal",
+              method="sdedit", upscale_strength=0.0, strength_schedule="auto", upscale_method=upscale,
+              cosine_scale_1=3.0, cosine_scale_2=1.0, cosine_scale_3=1.0, gaussian_sigma=0.8, anchor_stats="auto",
+              low_memory=False, vae_tile_size=2048)
+    adv = node_classes["LinFusionHighResSamplerAdvanced"]
+    with torch.inference_mode():
+        plain = adv.execute(**kw)
+        n_plain = len(decodes)
+        shown = adv.execute(**kw, stage_images="preview")
+        saved = adv.execute(**kw, stage_images="save")
+    assert plain.ui is None and torch.equal(plain.result[0]["samples"], shown.result[0]["samples"])
+    if upscale == "pixel":
+        assert 2 * n_plain == len(decodes) - n_plain  # the same decodes, no more
+    else:
+        assert n_plain == 0 and len(decodes) == 2  # one stage image per run
+    for out, folder in ((shown, tmp_path / "tmp"), (saved, tmp_path / "out")):
+        images = out.ui.as_dict()["images"]
+        from PIL import Image
+
+        sizes = [Image.open(folder / r["subfolder"] / r["filename"]).size for r in images]
+        assert sizes == [(64, 64)]  # stage 1 of 2 (the last is the node's output)
+    with pytest.raises(ValueError, match="stage_images needs a VAE"), torch.inference_mode():
+        adv.execute(**{**kw, "vae": None, "upscale_method": "latent"}, stage_images="save")

@@ -73,7 +73,7 @@ IN_W, IN_H = standins.WorkflowServer.INPUT_IMAGE_SIZE
 RUNS = {
     "sd15_linfusion_512_to_2k": Run(
         "sd15", 1 / 16, ["KSampler.steps=1", "LinFusionHighResSampler.steps=5", "cfg=1"],
-        {"8": (512, 512), "11": (2048, 2048)}, "base 1; stages x2, x2: 2 + 1 (strengths 0.4, 0.2 of 5)"),
+        {"8": (512, 512), "11": (2048, 2048)}, "base 1; stages x2, x2: 2 + 1 (notebook strengths 0.4, 0.3 of 5)"),
     "sd15_linfusion_16k": Run(
         "sd15", 1 / 32, ["KSampler.steps=1", "LinFusionHighResSamplerAdvanced.steps=10", "strength_schedule=constant",
                          "upscale_strength=0.1", "cfg=1", "low_memory=false"],
@@ -82,12 +82,15 @@ RUNS = {
         "feed-forward chunks re-read each weight 16 times (measured 27-30 s per step instead of 4-6 s on 2 cores)"),
     "sdxl_linfusion_1024_to_4k": Run(
         "sdxl", 1 / 32, ["KSampler.steps=1", "LinFusionHighResSamplerAdvanced.steps=4", "strength_schedule=constant",
-                         "cfg=1"],
-        {"8": (1024, 1024), "11": (4096, 4096)}, "base 1; two x2 stages: 1 + 1 (constant 0.32 of 4), 2 UNet calls each",
+                         "upscale_strength=0.25", "cfg=1"],
+        {"8": (1024, 1024), "11": (4096, 4096)},
+        "base 1; two x2 stages: 1 + 1 (constant 0.25 of 4, rounded up); dilation 1 at this scale (stages below the "
+        "native 512 px of the stand-in): 1 UNet call each",
         reduced=True),
     # Super-resolution doubles whatever image it gets: the promise is relative to the input.
     "sdxl_linfusion_superres_x2": Run(
-        "sdxl", 1.0, ["steps=4", "cfg=1"], {"7": (2 * IN_W, 2 * IN_H)}, "one stage: 1 (0.32 of 4), 2 UNet calls",
+        "sdxl", 1.0, ["steps=4", "upscale_strength=0.25", "cfg=1"], {"7": (2 * IN_W, 2 * IN_H)},
+        "one stage: 1 (0.25 of 4, rounded up), 2 UNet calls where the target passes 512 px",
         reduced=True),
     "sd21_linfusion_768": Run(
         "sd21", 1 / 16, ["KSampler.steps=1", "LinFusionHighResSampler.steps=3", "cfg=1"],
