@@ -30,25 +30,8 @@ MODELS = {
         "controlnet",
         f"{HF}/comfyanonymous/ControlNet-v1-1_fp16_safetensors/resolve/main/control_v11p_sd15_canny_fp16.safetensors"),
 }
-LINFUSION = {
-    "sd15": "LinFusion-1-5 (https://huggingface.co/Yuanshi/LinFusion-1-5, 198 MB)",
-    "sd21": "LinFusion-2-1 (https://huggingface.co/Yuanshi/LinFusion-2-1, 198 MB)",
-    "sdxl": "LinFusion-XL (https://huggingface.co/Yuanshi/LinFusion-XL, 871 MB)",
-}
-
-
-def linfusion_text(fam: str) -> str:
-    return (f"LinFusion weights: 'auto' downloads {LINFUSION[fam]} into models/linfusion/ on the first run. Offline: "
-            f"put config.json and diffusion_pytorch_model.safetensors from that page into "
-            f"models/linfusion/{LINFUSION[fam].split()[0]}/.")
-
-
-def files_text(*names: str) -> str:
-    lines = ["Files:"]
-    for n in names:
-        folder, url = MODELS[n]
-        lines.append(f"- models/{folder}/{n}\n  from {url}" + (f"\n  (save it as {n})" if not url.endswith(n) else ""))
-    return "\n".join(lines)
+LINFUSION = {"sd15": ("LinFusion-1-5", "198 MB"), "sd21": ("LinFusion-2-1", "198 MB"), "sdxl": ("LinFusion-XL", "871 MB")}
+FAMILY_LABEL = {"sd15": "SD1.5", "sd21": "SD2.1", "sdxl": "SDXL"}
 
 
 class G:
@@ -165,243 +148,294 @@ class G:
         }
 
 
-def text_encoders(g: G, clip, pos_text: str, neg_text: str, x: int, y: int, pid=3, nid=4):
-    g.node(pid, "CLIPTextEncode", (x, y), (420, 160), "Positive prompt", {"text": pos_text}, {"clip": clip},
-           color=("#232", "#353"))
-    g.node(nid, "CLIPTextEncode", (x, y + 200), (420, 130), "Negative prompt", {"text": neg_text}, {"clip": clip},
-           color=("#322", "#533"))
+# -- layout ------------------------------------------------------------------------------------
+# Left to right, as data flows: model | prompts | base image | upscale | save. Samplers and image
+# nodes grow downwards when they show previews after a run, so nothing is placed below them; the
+# Load Checkpoint -> Apply LinFusion link runs forward. tests/test_browser.py checks that no two
+# node boxes intersect, as loaded and after a queued run.
+TOP = 80
+GAP = 40
+POS_COLOR, NEG_COLOR = ("#232", "#353"), ("#322", "#533")
 
 
-def sdxl_encoders(g: G, clip, pos_text: str, x: int, y: int, pid=3, nid=4):
-    """SDXL as the reference runs it: no negative prompt, so the negative conditioning is zeros
-    (diffusers' force_zeros_for_empty_prompt): ConditioningZeroOut of the positive."""
-    g.node(pid, "CLIPTextEncode", (x, y), (420, 160), "Positive prompt", {"text": pos_text}, {"clip": clip},
-           color=("#232", "#353"))
-    g.node(nid, "ConditioningZeroOut", (x, y + 200), (320, 60), "Negative: zeros (as the reference)", {},
-           {"conditioning": (pid, 0)}, color=("#322", "#533"))
+def note(g: G, nid: int, text: str) -> None:
+    """The workflow's Note: what it does and which files, sized so the text needs no scrolling
+    (about 46 characters a line and 17 px a line in the UI's note font at width 360)."""
+    assert len(text) <= 800, f"{g.name}: keep the note short ({len(text)} characters); details go to the README"
+    lines = sum(max(1, -(-len(line) // 46)) for line in text.split("\n"))
+    g.node(nid, "Note", (40, TOP), (360, 40 + 17 * lines), "About this workflow", {"text": text})
+
+
+def model_group(g: G, ckpt: str, lora: dict | None = None) -> tuple[tuple[int, int], tuple[int, int], int]:
+    """Load Checkpoint [-> LoRA] -> Apply LinFusion, left to right. Returns (model, clip, next x)."""
+    x = 440
+    g.node(1, "CheckpointLoaderSimple", (x, TOP + 60), (340, 100), "Load Checkpoint", {"ckpt_name": ckpt})
+    model, clip = (1, 0), (1, 1)
+    x += 340 + GAP
+    if lora is not None:
+        g.node(13, "LoraLoader", (x, TOP + 60), (340, 130), "LoRA", lora, {"model": model, "clip": clip})
+        model, clip = (13, 0), (13, 1)
+        x += 340 + GAP
+    g.node(2, "ApplyLinFusion", (x, TOP), (340, 110), "Apply LinFusion", {"weights": "auto", "softmax_max_tokens": 0},
+           {"model": model})
+    g.group("Model", (420, TOP - 40, x + 340 + 20 - 420, 230))
+    return (2, 0), clip, x
+
+
+def prompts(g: G, clip, x: int, pos_text: str, neg_text: str | None) -> int:
+    """Positive and negative prompt below Apply LinFusion; SDXL (neg_text None) gets the zeroed
+    negative of the reference (diffusers' force_zeros_for_empty_prompt): ConditioningZeroOut.
+    Returns the y below them."""
+    y = TOP + 230
+    g.node(3, "CLIPTextEncode", (x, y), (420, 160), "Positive prompt", {"text": pos_text}, {"clip": clip},
+           color=POS_COLOR)
+    if neg_text is None:
+        g.node(4, "ConditioningZeroOut", (x, y + 200), (320, 60), "Negative: zeros (as the reference)", {},
+               {"conditioning": (3, 0)}, color=NEG_COLOR)
+        return y + 300
+    g.node(4, "CLIPTextEncode", (x, y + 200), (420, 130), "Negative prompt", {"text": neg_text}, {"clip": clip},
+           color=NEG_COLOR)
+    return y + 370
+
+
+def base_image(g: G, x: int, model, pos, neg, latent, ksampler: dict, prefix: str) -> int:
+    """KSampler (6) -> VAE Decode (7) -> Save (8), each in its own column. Returns the next x."""
+    g.node(6, "KSampler", (x, TOP), (320, 270), "Base image", ksampler,
+           {"model": model, "positive": pos, "negative": neg, "latent_image": latent})
+    g.node(7, "VAEDecode", (x + 360, TOP), (220, 50), None, {}, {"samples": (6, 0), "vae": (1, 2)})
+    g.node(8, "SaveImage", (x + 360, TOP + 100), (360, 360), "Save base image", {"filename_prefix": prefix},
+           {"images": (7, 0)})
+    g.group("Base image", (x - 20, TOP - 40, 360 + 360 + 40, 560))
+    return x + 360 + 360 + 60
+
+
+def upscale(g: G, x: int, kind: str, widgets: dict, links: dict, title: str, height: int, nid: int = 9) -> int:
+    """The LinFusion high-res node (`nid`). Returns the next x."""
+    g.node(nid, kind, (x, TOP), (360, height), title, widgets, links)
+    g.group("Upscale", (x - 20, TOP - 40, 400, height + 80))
+    return x + 360 + 60
+
+
+def save_final(g: G, x: int, prefix: str, tiled: int = 0, source=(9, 0), save_id: int = 11) -> None:
+    """[VAE Decode (10) ->] Save (11): the final image."""
+    if source == (9, 0):
+        if tiled:
+            g.node(10, "VAEDecodeTiled", (x, TOP), (300, 150), None,
+                   {"tile_size": tiled, "overlap": 64, "temporal_size": 64, "temporal_overlap": 8},
+                   {"samples": source, "vae": (1, 2)})
+            y = TOP + 200
+        else:
+            g.node(10, "VAEDecode", (x, TOP), (220, 50), None, {}, {"samples": source, "vae": (1, 2)})
+            y = TOP + 100
+        source = (10, 0)
+    else:
+        y = TOP
+    g.node(save_id, "SaveImage", (x, y), (520, 560), "Save final image", {"filename_prefix": prefix},
+           {"images": source})
+    g.group("Save", (x - 20, TOP - 40, 560, y - TOP + 640))
 
 
 NEG = "blurry, low quality, lowres, deformed, watermark, text, signature"
+SD15 = "v1-5-pruned-emaonly.safetensors"
+SDXL = "sd_xl_base_1.0.safetensors"
 
 
-def wf_sd15_2k(oi) -> tuple[str, dict]:
+def repo(url: str) -> str:
+    """huggingface.co/<owner>/<repo> of a file URL: where a user finds the file."""
+    return "/".join(url.split("/")[2:5])
+
+
+def files_note(fam: str, *names: str) -> str:
+    """The note's file list: each model file's folder and where to get it, and LinFusion's 'auto'."""
+    folder, size = LINFUSION[fam]
+    lines = ["Files:"] + [f"- models/{MODELS[n][0]}/{n} ({repo(MODELS[n][1])})" for n in names]
+    lines.append(f"- LinFusion weights: 'auto' downloads huggingface.co/Yuanshi/{folder} ({size}) into "
+                 f"models/linfusion/{folder}/ on the first run.")
+    return "\n".join(lines)
+
+
+# -- the workflows -------------------------------------------------------------------------------
+# Each builder returns (graph named by its template title, family, stage sizes in px, thumbnail subtitle).
+def wf_sd15_2k(oi):
     g = G(oi)
-    g.name = "sd15_linfusion_512_to_2k"
-    g.node(1, "CheckpointLoaderSimple", (40, 300), (340, 100), None, {"ckpt_name": "v1-5-pruned-emaonly.safetensors"})
-    g.node(2, "ApplyLinFusion", (40, 460), (340, 110), None, {"weights": "auto", "softmax_max_tokens": 0}, {"model": (1, 0)})
-    text_encoders(g, (1, 1), "a cozy alpine village at dusk, warm lights in the windows, snow-covered roofs, "
-                  "mountains in the background, highly detailed photograph", NEG, 420, 120)
-    g.node(5, "EmptyLatentImage", (420, 520), (320, 110), "Base size (512 x 512)", {"width": 512, "height": 512, "batch_size": 1})
-    g.node(6, "KSampler", (880, 120), (320, 270), "Base image (512 px)",
-           {"seed": 42, "steps": 25, "cfg": 7.5, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0},
-           {"model": (2, 0), "positive": (3, 0), "negative": (4, 0), "latent_image": (5, 0)})
-    g.node(7, "VAEDecode", (880, 440), (220, 50), None, {}, {"samples": (6, 0), "vae": (1, 2)})
-    g.node(8, "SaveImage", (880, 540), (320, 360), "Save 512 px", {"filename_prefix": "LinFusion/sd15_512"}, {"images": (7, 0)})
-    g.node(9, "LinFusionHighResSampler", (1260, 120), (340, 300), "x4 upscale (512 -> 2048 px)",
-           {"scale_by": 4.0, "seed": 42, "steps": 50, "cfg": 7.5, "sampler_name": "euler", "scheduler": "normal"},
-           {"model": (2, 0), "positive": (3, 0), "negative": (4, 0), "latent_image": (6, 0), "vae": (1, 2)})
-    g.node(10, "VAEDecode", (1260, 470), (220, 50), None, {}, {"samples": (9, 0), "vae": (1, 2)})
-    g.node(11, "SaveImage", (1640, 120), (520, 560), "Save 2048 px", {"filename_prefix": "LinFusion/sd15_2k"}, {"images": (10, 0)})
-    g.node(12, "Note", (40, 40), (340, 220), "About this workflow", {"text": (
-        "SD1.5 + LinFusion: text-to-image at 512 x 512, then x4 to 2048 x 2048.\n\n"
-        "Apply LinFusion replaces every self-attention layer of the UNet with LinFusion's linear attention. "
-        "The LinFusion High-Res Sampler then doubles the image twice (512 -> 1024 -> 2048), re-denoising each stage "
-        "(progressive SDEdit, strengths 0.4 and 0.3 of a 50-step schedule, the reference notebook's table: 20 + 15 "
-        "steps, starting at timesteps 381 and 281), as the LinFusion "
-        "reference does for SD1.5. The 512 px base is saved too.\n\n"
-        + files_text("v1-5-pruned-emaonly.safetensors") + "\n" + linfusion_text("sd15") + "\n\n"
-        "Headless: python scripts/run_workflow.py workflows/sd15_linfusion_512_to_2k.json")})
-    return g.name, g.finish()
+    g.name = "SD1.5 512 to 2K with LinFusion"
+    model, clip, x = model_group(g, SD15)
+    y = prompts(g, clip, x, "a cozy alpine village at dusk, warm lights in the windows, snow-covered roofs, "
+                "mountains in the background, highly detailed photograph", NEG)
+    g.node(5, "EmptyLatentImage", (x, y), (320, 110), "Base size", {"width": 512, "height": 512, "batch_size": 1})
+    g.group("Prompt", (x - 20, TOP + 190, 460, y - TOP - 60 + 150))
+    x = base_image(g, x + 460, model, (3, 0), (4, 0), (5, 0),
+                   {"seed": 42, "steps": 25, "cfg": 7.5, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0},
+                   "LinFusion/sd15_512")
+    x = upscale(g, x, "LinFusionHighResSampler",
+                {"scale_by": 4.0, "seed": 42, "steps": 50, "cfg": 7.5, "sampler_name": "euler", "scheduler": "normal"},
+                {"model": model, "positive": (3, 0), "negative": (4, 0), "latent_image": (6, 0), "vae": (1, 2)},
+                "High-Res Sampler (x4)", 300)
+    save_final(g, x, "LinFusion/sd15_2k")
+    note(g, 12, (
+        "SD1.5 with LinFusion: a 512 x 512 image, then x4 to 2048 x 2048 in two x2 stages. Each stage is "
+        "upscaled and re-denoised (SDEdit strengths 0.4 and 0.3, as the LinFusion reference for SD1.5).\n\n"
+        + files_note("sd15", SD15)))
+    return g, "sd15", [(512, 512), (1024, 1024), (2048, 2048)], "x4 in two stages"
 
 
-def wf_sd15_16k(oi) -> tuple[str, dict]:
+def wf_sd15_16k(oi):
     g = G(oi)
-    g.name = "sd15_linfusion_16k"
-    g.node(1, "CheckpointLoaderSimple", (40, 340), (340, 100), None, {"ckpt_name": "v1-5-pruned-emaonly.safetensors"})
-    g.node(2, "ApplyLinFusion", (40, 500), (340, 110), None, {"weights": "auto", "softmax_max_tokens": 0}, {"model": (1, 0)})
-    text_encoders(g, (1, 1), "A photo of the Milky Way galaxy", "", 420, 120)
-    g.node(5, "EmptyLatentImage", (420, 520), (320, 110), "Base size (1024 x 512)", {"width": 1024, "height": 512, "batch_size": 1})
-    g.node(6, "KSampler", (880, 120), (320, 270), "Base image (1024 x 512)",
-           {"seed": 3, "steps": 50, "cfg": 7.5, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0},
-           {"model": (2, 0), "positive": (3, 0), "negative": (4, 0), "latent_image": (5, 0)})
-    g.node(7, "VAEDecode", (880, 440), (220, 50), None, {}, {"samples": (6, 0), "vae": (1, 2)})
-    g.node(8, "SaveImage", (880, 540), (420, 300), "Save 1024 x 512", {"filename_prefix": "LinFusion/sd15_1k"}, {"images": (7, 0)})
-    g.node(9, "LinFusionHighResSamplerAdvanced", (1340, 120), (360, 620), "x16 in 4 stages (-> 16384 x 8192)",
-           {"scale_by": 16.0, "width": 0, "height": 0, "seed": 3, "steps": 50, "cfg": 7.5, "sampler_name": "euler",
-            "scheduler": "normal", "method": "sdedit", "upscale_strength": 0.4, "strength_schedule": "auto",
-            "upscale_method": "pixel", "cosine_scale_1": 3.0, "cosine_scale_2": 1.0, "cosine_scale_3": 1.0,
-            "gaussian_sigma": 0.8, "anchor_stats": "auto", "low_memory": True, "vae_tile_size": 2048},
-           {"model": (2, 0), "positive": (3, 0), "negative": (4, 0), "latent_image": (6, 0), "vae": (1, 2)})
-    g.node(10, "VAEDecodeTiled", (1740, 120), (300, 150), None,
-           {"tile_size": 2048, "overlap": 64, "temporal_size": 64, "temporal_overlap": 8}, {"samples": (9, 0), "vae": (1, 2)})
-    g.node(11, "SaveImage", (1740, 320), (520, 320), "Save 16384 x 8192", {"filename_prefix": "LinFusion/sd15_16k"},
-           {"images": (10, 0)})
-    g.node(12, "Note", (40, 40), (340, 260), "About this workflow", {"text": (
-        "SD1.5 ultra resolution: 1024 x 512 base -> 16384 x 8192 (16K) in four x2 stages, the schedule of the "
-        "LinFusion reference notebook (examples/inference/ultra_text2image_w_sdedit.ipynb): img2img strengths "
-        "0.4, 0.3, 0.2, 0.1 (strength_schedule auto = the notebook's table for sdedit) of a 50-step schedule "
-        "(20/15/10/5 steps from timesteps 381/281/181/81) at 2048 x 1024, 4096 x 2048, 8192 x 4096 "
-        "and 16384 x 8192, the same seed at every stage, VAE tiled in 2048 px tiles from 4K on. Low-memory mode "
-        "evaluates positive and negative one after the other and chunks the feed-forward layers.\n\n"
-        "Expect many minutes on a large GPU (the reference needs 80 GB for the last stage; low-memory mode "
-        "and tiled VAE bring it down); saving the 134-megapixel PNG alone takes a while.\n\n"
-        + files_text("v1-5-pruned-emaonly.safetensors") + "\n" + linfusion_text("sd15") + "\n\n"
-        "Try it small first: python scripts/run_workflow.py workflows/sd15_linfusion_16k.json --scale 1/8")})
-    return g.name, g.finish()
+    g.name = "16K image with SD1.5 and LinFusion"
+    model, clip, x = model_group(g, SD15)
+    y = prompts(g, clip, x, "A photo of the Milky Way galaxy", "")
+    g.node(5, "EmptyLatentImage", (x, y), (320, 110), "Base size", {"width": 1024, "height": 512, "batch_size": 1})
+    g.group("Prompt", (x - 20, TOP + 190, 460, y - TOP - 60 + 150))
+    x = base_image(g, x + 460, model, (3, 0), (4, 0), (5, 0),
+                   {"seed": 3, "steps": 50, "cfg": 7.5, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0},
+                   "LinFusion/sd15_1k")
+    x = upscale(g, x, "LinFusionHighResSamplerAdvanced",
+                {"scale_by": 16.0, "width": 0, "height": 0, "seed": 3, "steps": 50, "cfg": 7.5, "sampler_name": "euler",
+                 "scheduler": "normal", "method": "sdedit", "upscale_strength": 0.4, "strength_schedule": "auto",
+                 "upscale_method": "pixel", "cosine_scale_1": 3.0, "cosine_scale_2": 1.0, "cosine_scale_3": 1.0,
+                 "gaussian_sigma": 0.8, "anchor_stats": "auto", "low_memory": True, "vae_tile_size": 2048},
+                {"model": model, "positive": (3, 0), "negative": (4, 0), "latent_image": (6, 0), "vae": (1, 2)},
+                "High-Res Sampler (x16 in four stages)", 660)
+    save_final(g, x, "LinFusion/sd15_16k", tiled=2048)
+    note(g, 12, (
+        "The paper's headline: a 16384 x 8192 image from SD1.5 with LinFusion. A 1024 x 512 image is doubled four "
+        "times; each stage is re-denoised (strengths 0.4, 0.3, 0.2, 0.1, the reference notebook's schedule) with "
+        "low-memory mode and a tiled VAE. Expect many minutes on a large GPU; try a smaller base size first.\n\n"
+        + files_note("sd15", SD15)))
+    return g, "sd15", [(1024, 512), (2048, 1024), (4096, 2048), (8192, 4096), (16384, 8192)], "four x2 stages"
 
 
-def wf_sdxl_4k(oi) -> tuple[str, dict]:
+def wf_sdxl_4k(oi):
     g = G(oi)
-    g.name = "sdxl_linfusion_1024_to_4k"
-    g.node(1, "CheckpointLoaderSimple", (40, 340), (340, 100), None, {"ckpt_name": "sd_xl_base_1.0.safetensors"})
-    g.node(2, "ApplyLinFusion", (40, 500), (340, 110), None, {"weights": "auto", "softmax_max_tokens": 0}, {"model": (1, 0)})
-    sdxl_encoders(g, (1, 1), "An astronaut floating in space. Beautiful view of the stars and the universe in the "
-                  "background.", 420, 120)
-    g.node(5, "EmptyLatentImage", (420, 520), (320, 110), "Base size (1024 x 1024)",
-           {"width": 1024, "height": 1024, "batch_size": 1})
-    g.node(6, "KSampler", (880, 120), (320, 270), "Base image (1024 px)",
-           {"seed": 42, "steps": 50, "cfg": 7.5, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0},
-           {"model": (2, 0), "positive": (3, 0), "negative": (4, 0), "latent_image": (5, 0)})
-    g.node(7, "VAEDecode", (880, 440), (220, 50), None, {}, {"samples": (6, 0), "vae": (1, 2)})
-    g.node(8, "SaveImage", (880, 540), (380, 420), "Save 1024 px", {"filename_prefix": "LinFusion/sdxl_1k"}, {"images": (7, 0)})
-    g.node(9, "LinFusionHighResSamplerAdvanced", (1300, 120), (360, 620), "x4, DemoFusion-style (-> 4096 px)",
-           {"scale_by": 4.0, "width": 0, "height": 0, "seed": 42, "steps": 50, "cfg": 7.5, "sampler_name": "euler",
-            "scheduler": "normal", "method": "demofusion", "upscale_strength": 0.32, "strength_schedule": "auto",
-            "upscale_method": "pixel", "cosine_scale_1": 3.0, "cosine_scale_2": 1.0, "cosine_scale_3": 1.0,
-            "gaussian_sigma": 0.8, "anchor_stats": "auto", "low_memory": False, "vae_tile_size": 2048},
-           {"model": (2, 0), "positive": (3, 0), "negative": (4, 0), "latent_image": (6, 0), "vae": (1, 2)})
-    g.node(10, "VAEDecodeTiled", (1700, 120), (300, 150), None,
-           {"tile_size": 1024, "overlap": 64, "temporal_size": 64, "temporal_overlap": 8}, {"samples": (9, 0), "vae": (1, 2)})
-    g.node(11, "SaveImage", (1700, 320), (520, 560), "Save 4096 px", {"filename_prefix": "LinFusion/sdxl_4k"}, {"images": (10, 0)})
-    g.node(12, "Note", (40, 40), (340, 260), "About this workflow", {"text": (
-        "SDXL + LinFusion: 1024 x 1024 base, then x4 to 4096 x 4096 with DemoFusion-style refinement "
-        "(LinFusion's SDXL high-res pipeline, examples/inference/ultra_text2image_sdxl.ipynb): two x2 stages, "
-        "strengths 0.32 and 0.16 of a 50-step schedule (16 + 8 steps from timesteps 301 and 141, dilation 2 and "
-        "4); the negative conditioning is zeroed, as the reference's; in every step a skip residual toward the "
-        "upscaled image "
-        "(cosine_scale_1 = 3) and a global branch run with dilated convolutions on a blurred latent "
-        "(cosine_scale_2 = 1, cosine_scale_3 = 1, gaussian_sigma = 0.8), two UNet evaluations per step; each "
-        "stage re-standardised to the base latent's colour statistics.\n\n"
-        "Out of memory? Turn on low_memory in the sampler (same result, slower).\n\n"
-        + files_text("sd_xl_base_1.0.safetensors") + "\n" + linfusion_text("sdxl") + "\n\n"
-        "Headless: python scripts/run_workflow.py workflows/sdxl_linfusion_1024_to_4k.json")})
-    return g.name, g.finish()
+    g.name = "SDXL 1024 to 4K with LinFusion"
+    model, clip, x = model_group(g, SDXL)
+    y = prompts(g, clip, x, "An astronaut floating in space. Beautiful view of the stars and the universe in the "
+                "background.", None)
+    g.node(5, "EmptyLatentImage", (x, y), (320, 110), "Base size", {"width": 1024, "height": 1024, "batch_size": 1})
+    g.group("Prompt", (x - 20, TOP + 190, 460, y - TOP - 60 + 150))
+    x = base_image(g, x + 460, model, (3, 0), (4, 0), (5, 0),
+                   {"seed": 42, "steps": 50, "cfg": 7.5, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0},
+                   "LinFusion/sdxl_1k")
+    x = upscale(g, x, "LinFusionHighResSamplerAdvanced",
+                {"scale_by": 4.0, "width": 0, "height": 0, "seed": 42, "steps": 50, "cfg": 7.5, "sampler_name": "euler",
+                 "scheduler": "normal", "method": "demofusion", "upscale_strength": 0.32, "strength_schedule": "auto",
+                 "upscale_method": "pixel", "cosine_scale_1": 3.0, "cosine_scale_2": 1.0, "cosine_scale_3": 1.0,
+                 "gaussian_sigma": 0.8, "anchor_stats": "auto", "low_memory": False, "vae_tile_size": 2048},
+                {"model": model, "positive": (3, 0), "negative": (4, 0), "latent_image": (6, 0), "vae": (1, 2)},
+                "High-Res Sampler (x4, DemoFusion-style)", 660)
+    save_final(g, x, "LinFusion/sdxl_4k", tiled=1024)
+    note(g, 12, (
+        "SDXL with LinFusion: a 1024 x 1024 image, then x4 to 4096 x 4096 in two x2 stages with the reference's "
+        "DemoFusion-style refinement (strengths 0.32 and 0.16; a global branch with dilated convolutions, two UNet "
+        "passes per step). The negative is zeroed, as in the reference. Out of memory? Turn on low_memory.\n\n"
+        + files_note("sdxl", SDXL)))
+    return g, "sdxl", [(1024, 1024), (2048, 2048), (4096, 4096)], "x4, DemoFusion-style"
 
 
-def wf_sdxl_sr(oi) -> tuple[str, dict]:
+def wf_sdxl_sr(oi):
     g = G(oi)
-    g.name = "sdxl_linfusion_superres_x2"
-    g.node(1, "CheckpointLoaderSimple", (40, 340), (340, 100), None, {"ckpt_name": "sd_xl_base_1.0.safetensors"})
-    g.node(2, "ApplyLinFusion", (40, 500), (340, 110), None, {"weights": "auto", "softmax_max_tokens": 0}, {"model": (1, 0)})
-    sdxl_encoders(g, (1, 1), "a detailed, sharp, high-resolution photograph", 420, 120)
-    g.node(5, "LoadImage", (420, 520), (340, 420), "Image to upscale", {"image": "example.png"})
-    g.node(6, "LinFusionSuperResolution", (900, 120), (360, 660), "Super-resolution x2",
-           {"scale_by": 2.0, "width": 0, "height": 0, "stages": "single", "seed": 123, "steps": 50, "cfg": 7.5,
-            "sampler_name": "euler", "scheduler": "normal", "method": "demofusion", "upscale_strength": 0.32,
-            "strength_schedule": "auto", "upscale_method": "pixel", "cosine_scale_1": 3.0, "cosine_scale_2": 1.0,
-            "cosine_scale_3": 1.0, "gaussian_sigma": 0.8, "anchor_stats": "auto", "low_memory": False,
-            "vae_tile_size": 2048},
-           {"model": (2, 0), "positive": (3, 0), "negative": (4, 0), "image": (5, 0), "vae": (1, 2)})
-    g.node(7, "SaveImage", (1300, 120), (560, 600), "Save x2", {"filename_prefix": "LinFusion/sdxl_superres_x2"},
-           {"images": (6, 0)})
-    g.node(8, "Note", (40, 40), (340, 260), "About this workflow", {"text": (
-        "SDXL super-resolution x2 of an existing image (LinFusion's SDXL super-resolution pipeline, "
-        "examples/inference/superres_sdxl.ipynb): the image is resized bicubically to twice its size, encoded, "
-        "and refined in one stage of strength 0.32 (16 of 50 steps) with the DemoFusion-style skip residual "
-        "and dilated global branch (dilation = ceil(target long side / 1024): 2 for a 1024 px input, 4 for 2048 px; "
-        "gaussian_sigma 0.8), negative conditioning zeroed as the reference's. Describe the image in the positive "
-        "prompt.\n\n"
-        "Load your own image in 'Image to upscale' (the reference upscales SDXL's 1024 px images to 2048 px; "
-        "ComfyUI ships example.png, 768 px). For larger factors the reference README chains x2 runs (each at "
-        "0.32, the dilation rising with the size): stages = progressive with strength_schedule = constant does "
-        "exactly that in one node; 'auto' lowers the strength per stage as the high-res pipeline does.\n\n"
-        + files_text("sd_xl_base_1.0.safetensors") + "\n" + linfusion_text("sdxl") + "\n\n"
-        "Headless: python scripts/run_workflow.py workflows/sdxl_linfusion_superres_x2.json "
-        "--input-file photo.png --set image=photo.png")})
-    return g.name, g.finish()
+    g.name = "SDXL super-resolution x2 with LinFusion"
+    model, clip, x = model_group(g, SDXL)
+    y = prompts(g, clip, x, "a detailed, sharp, high-resolution photograph", None)
+    g.node(5, "LoadImage", (x, y), (340, 420), "Image to upscale", {"image": "example.png"})
+    g.group("Prompt and image", (x - 20, TOP + 190, 460, y - TOP - 60 + 460))
+    x = upscale(g, x + 460, "LinFusionSuperResolution",
+                {"scale_by": 2.0, "width": 0, "height": 0, "stages": "single", "seed": 123, "steps": 50, "cfg": 7.5,
+                 "sampler_name": "euler", "scheduler": "normal", "method": "demofusion", "upscale_strength": 0.32,
+                 "strength_schedule": "auto", "upscale_method": "pixel", "cosine_scale_1": 3.0, "cosine_scale_2": 1.0,
+                 "cosine_scale_3": 1.0, "gaussian_sigma": 0.8, "anchor_stats": "auto", "low_memory": False,
+                 "vae_tile_size": 2048},
+                {"model": model, "positive": (3, 0), "negative": (4, 0), "image": (5, 0), "vae": (1, 2)},
+                "Super-Resolution (x2)", 700, nid=6)
+    save_final(g, x, "LinFusion/sdxl_superres_x2", source=(6, 0), save_id=7)
+    note(g, 8, (
+        "SDXL super-resolution of your own picture with LinFusion: load it in 'Image to upscale' and describe it "
+        "in the positive prompt. It is resized to twice its size and refined in one stage (strength 0.32, the "
+        "reference's super-resolution pipeline). For x4 and more, set stages to progressive.\n\n"
+        + files_note("sdxl", SDXL)))
+    return g, "sdxl", [(1024, 1024), (2048, 2048)], "one refined stage"
 
 
-def wf_sd21(oi) -> tuple[str, dict]:
+def wf_sd21(oi):
     g = G(oi)
-    g.name = "sd21_linfusion_768"
-    g.node(1, "CheckpointLoaderSimple", (40, 340), (340, 100), None, {"ckpt_name": "v2-1_768-ema-pruned.safetensors"})
-    g.node(2, "ApplyLinFusion", (40, 500), (340, 110), None, {"weights": "auto", "softmax_max_tokens": 0}, {"model": (1, 0)})
-    text_encoders(g, (1, 1), "a red fox in a snowy birch forest, morning light, highly detailed photograph", NEG, 420, 120)
-    g.node(5, "EmptyLatentImage", (420, 520), (320, 110), "Size (768 x 768)", {"width": 768, "height": 768, "batch_size": 1})
-    g.node(6, "KSampler", (880, 120), (320, 270), "768 px (v-prediction)",
-           {"seed": 7, "steps": 30, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0},
-           {"model": (2, 0), "positive": (3, 0), "negative": (4, 0), "latent_image": (5, 0)})
-    g.node(7, "VAEDecode", (880, 440), (220, 50), None, {}, {"samples": (6, 0), "vae": (1, 2)})
-    g.node(8, "SaveImage", (880, 540), (420, 460), "Save 768 px", {"filename_prefix": "LinFusion/sd21_768"}, {"images": (7, 0)})
-    g.node(9, "LinFusionHighResSampler", (1340, 120), (340, 300), "x2 (-> 1536 px)",
-           {"scale_by": 2.0, "seed": 7, "steps": 30, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal"},
-           {"model": (2, 0), "positive": (3, 0), "negative": (4, 0), "latent_image": (6, 0), "vae": (1, 2)})
-    g.node(10, "VAEDecode", (1340, 470), (220, 50), None, {}, {"samples": (9, 0), "vae": (1, 2)})
-    g.node(11, "SaveImage", (1720, 120), (520, 560), "Save 1536 px", {"filename_prefix": "LinFusion/sd21_1536"},
-           {"images": (10, 0)})
-    g.node(12, "Note", (40, 40), (340, 260), "About this workflow", {"text": (
-        "SD2.1 768 (v-prediction) + LinFusion: text-to-image at 768 x 768, then x2 to 1536 x 1536 with the "
-        "high-res sampler (progressive SDEdit, strength 0.4: 12 of 30 steps).\n\n"
-        "ComfyUI recognises v2-1_768-ema-pruned as a v-prediction model by itself; for a v-prediction fine-tune "
-        "it does not recognise (grey or washed-out images), put a ModelSamplingDiscrete node (sampling: "
-        "v_prediction) between the checkpoint and Apply LinFusion.\n\n"
-        + files_text("v2-1_768-ema-pruned.safetensors") + "\n" + linfusion_text("sd21") + "\n\n"
-        "Headless: python scripts/run_workflow.py workflows/sd21_linfusion_768.json")})
-    return g.name, g.finish()
+    g.name = "SD2.1 768 to 1536 with LinFusion"
+    model, clip, x = model_group(g, "v2-1_768-ema-pruned.safetensors")
+    y = prompts(g, clip, x, "a red fox in a snowy birch forest, morning light, highly detailed photograph", NEG)
+    g.node(5, "EmptyLatentImage", (x, y), (320, 110), "Base size", {"width": 768, "height": 768, "batch_size": 1})
+    g.group("Prompt", (x - 20, TOP + 190, 460, y - TOP - 60 + 150))
+    x = base_image(g, x + 460, model, (3, 0), (4, 0), (5, 0),
+                   {"seed": 7, "steps": 30, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0},
+                   "LinFusion/sd21_768")
+    x = upscale(g, x, "LinFusionHighResSampler",
+                {"scale_by": 2.0, "seed": 7, "steps": 30, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal"},
+                {"model": model, "positive": (3, 0), "negative": (4, 0), "latent_image": (6, 0), "vae": (1, 2)},
+                "High-Res Sampler (x2)", 300)
+    save_final(g, x, "LinFusion/sd21_1536")
+    note(g, 12, (
+        "SD2.1 (768 px, v-prediction) with LinFusion: a 768 x 768 image, then x2 to 1536 x 1536 in one re-denoised "
+        "stage. A v-prediction fine-tune that ComfyUI does not recognise (grey images) needs a "
+        "ModelSamplingDiscrete node (v_prediction) before Apply LinFusion.\n\n"
+        + files_note("sd21", "v2-1_768-ema-pruned.safetensors")))
+    return g, "sd21", [(768, 768), (1536, 1536)], "x2"
 
 
-def wf_lora_cn(oi) -> tuple[str, dict]:
+def wf_lora_cn(oi):
     g = G(oi)
-    g.name = "sd15_linfusion_lora_controlnet"
-    g.node(1, "CheckpointLoaderSimple", (40, 380), (340, 100), None, {"ckpt_name": "v1-5-pruned-emaonly.safetensors"})
-    g.node(13, "LoraLoader", (40, 530), (340, 130), "LoRA (LCM-LoRA)",
-           {"lora_name": "lcm-lora-sdv1-5.safetensors", "strength_model": 1.0, "strength_clip": 1.0},
-           {"model": (1, 0), "clip": (1, 1)})
-    g.node(2, "ApplyLinFusion", (40, 710), (340, 110), None, {"weights": "auto", "softmax_max_tokens": 0}, {"model": (13, 0)})
-    text_encoders(g, (13, 1), "a futuristic glass house on a lake, golden hour, architectural photograph, "
-                  "highly detailed", NEG, 420, 120)
-    g.node(14, "LoadImage", (420, 520), (320, 380), "Control image", {"image": "example.png"})
-    g.node(15, "Canny", (420, 940), (320, 90), None, {"low_threshold": 0.4, "high_threshold": 0.8}, {"image": (14, 0)})
-    g.node(16, "PreviewImage", (420, 1080), (320, 300), "Edges", {}, {"images": (15, 0)})
-    g.node(17, "ControlNetLoader", (880, 120), (380, 60), None,
+    g.name = "SD1.5 LoRA and ControlNet with LinFusion"
+    model, clip, x = model_group(g, SD15, lora={"lora_name": "lcm-lora-sdv1-5.safetensors", "strength_model": 1.0,
+                                               "strength_clip": 1.0})
+    y = prompts(g, clip, x, "a futuristic glass house on a lake, golden hour, architectural photograph, "
+                "highly detailed", NEG)
+    g.node(5, "EmptyLatentImage", (x, y), (320, 110), "Base size", {"width": 512, "height": 512, "batch_size": 1})
+    g.group("Prompt", (x - 20, TOP + 190, 460, y - TOP - 60 + 150))
+    cx = x + 460  # the ControlNet column: control image, edges, ControlNet
+    g.node(14, "LoadImage", (cx, TOP + 420), (320, 380), "Control image", {"image": "example.png"})
+    g.node(15, "Canny", (cx + 360, TOP + 420), (320, 90), None, {"low_threshold": 0.4, "high_threshold": 0.8},
+           {"image": (14, 0)})
+    g.node(16, "PreviewImage", (cx + 360, TOP + 560), (320, 300), "Edges", {}, {"images": (15, 0)})
+    g.node(17, "ControlNetLoader", (cx, TOP), (380, 60), None,
            {"control_net_name": "control_v11p_sd15_canny_fp16.safetensors"})
-    g.node(18, "ControlNetApplyAdvanced", (880, 230), (320, 190), None,
+    g.node(18, "ControlNetApplyAdvanced", (cx + 360, TOP + 120), (320, 190), None,
            {"strength": 0.9, "start_percent": 0.0, "end_percent": 1.0},
            {"positive": (3, 0), "negative": (4, 0), "control_net": (17, 0), "image": (15, 0), "vae": (1, 2)})
-    g.node(5, "EmptyLatentImage", (880, 470), (320, 110), "Base size (512 x 512)", {"width": 512, "height": 512, "batch_size": 1})
-    g.node(6, "KSampler", (1260, 120), (320, 270), "Base image (512 px, LCM)",
-           {"seed": 11, "steps": 8, "cfg": 1.5, "sampler_name": "lcm", "scheduler": "sgm_uniform", "denoise": 1.0},
-           {"model": (2, 0), "positive": (18, 0), "negative": (18, 1), "latent_image": (5, 0)})
-    g.node(7, "VAEDecode", (1260, 440), (220, 50), None, {}, {"samples": (6, 0), "vae": (1, 2)})
-    g.node(8, "SaveImage", (1260, 540), (360, 400), "Save 512 px", {"filename_prefix": "LinFusion/lora_cn_512"},
-           {"images": (7, 0)})
-    g.node(9, "LinFusionHighResSampler", (1660, 120), (340, 300), "x2 with LoRA + ControlNet (-> 1024 px)",
-           {"scale_by": 2.0, "seed": 11, "steps": 8, "cfg": 1.5, "sampler_name": "lcm", "scheduler": "sgm_uniform"},
-           {"model": (2, 0), "positive": (18, 0), "negative": (18, 1), "latent_image": (6, 0), "vae": (1, 2)})
-    g.node(10, "VAEDecode", (1660, 470), (220, 50), None, {}, {"samples": (9, 0), "vae": (1, 2)})
-    g.node(11, "SaveImage", (2040, 120), (520, 560), "Save 1024 px", {"filename_prefix": "LinFusion/lora_cn_1024"},
-           {"images": (10, 0)})
-    g.node(12, "Note", (40, 40), (340, 300), "About this workflow", {"text": (
-        "LinFusion together with a LoRA and a ControlNet (SD1.5): LoRA -> Apply LinFusion -> KSampler with "
-        "Canny ControlNet conditioning at 512 px, then the high-res sampler x2 to 1024 px with the same "
-        "conditioning (the ControlNet follows every stage's size).\n\n"
-        "The LoRA applies to LinFusion's own projections too (LoRA before or after Apply LinFusion both work). "
-        "The LoRA here is LCM-LoRA (8 steps, cfg 1.5, sampler lcm, scheduler sgm_uniform); any SD1.5 LoRA "
-        "works: with a style LoRA set the samplers back to euler / normal, 25 steps, cfg 7. Replace the "
-        "control image with your own (any size).\n\n"
-        + files_text("v1-5-pruned-emaonly.safetensors", "lcm-lora-sdv1-5.safetensors",
-                     "control_v11p_sd15_canny_fp16.safetensors") + "\n" + linfusion_text("sd15") + "\n\n"
-        "Headless: python scripts/run_workflow.py workflows/sd15_linfusion_lora_controlnet.json")})
-    return g.name, g.finish()
+    g.group("ControlNet", (cx - 20, TOP - 40, 760, 960))
+    x = base_image(g, cx + 760, model, (18, 0), (18, 1), (5, 0),
+                   {"seed": 11, "steps": 8, "cfg": 1.5, "sampler_name": "lcm", "scheduler": "sgm_uniform",
+                    "denoise": 1.0}, "LinFusion/lora_cn_512")
+    x = upscale(g, x, "LinFusionHighResSampler",
+                {"scale_by": 2.0, "seed": 11, "steps": 8, "cfg": 1.5, "sampler_name": "lcm", "scheduler": "sgm_uniform"},
+                {"model": model, "positive": (18, 0), "negative": (18, 1), "latent_image": (6, 0), "vae": (1, 2)},
+                "High-Res Sampler (x2)", 300)
+    save_final(g, x, "LinFusion/lora_cn_1024")
+    note(g, 12, (
+        "LinFusion with a LoRA and a ControlNet (SD1.5): 512 px with a Canny ControlNet, then x2 to 1024 px. The "
+        "ControlNet follows each stage; the LoRA (LCM-LoRA: 8 steps, cfg 1.5) reaches LinFusion's layers too. "
+        "Other LoRAs: euler, 25 steps, cfg 7.\n\n"
+        + files_note("sd15", SD15, "lcm-lora-sdv1-5.safetensors", "control_v11p_sd15_canny_fp16.safetensors")))
+    return g, "sd15", [(512, 512), (1024, 1024)], "LoRA + ControlNet, x2"
 
 
-BUILDERS = [wf_sd15_2k, wf_sd15_16k, wf_sdxl_4k, wf_sdxl_sr, wf_sd21, wf_lora_cn]
+BUILDERS = [wf_sd15_16k, wf_sd15_2k, wf_lora_cn, wf_sd21, wf_sdxl_4k, wf_sdxl_sr]
+
+
+def write_all(oi: dict, out: Path = OUT) -> list[str]:
+    """Write every workflow and its template thumbnail (<name>.jpg) into `out`; returns the names."""
+    import thumbnails
+
+    out.mkdir(exist_ok=True)
+    names = []
+    for b in BUILDERS:
+        g, fam, stages, subtitle = b(oi)
+        wf = g.finish()
+        (out / f"{g.name}.json").write_text(json.dumps(wf, indent=2, ensure_ascii=False) + "\n")
+        title = g.name.removesuffix(" with LinFusion").removesuffix(" and LinFusion")
+        thumbnails.save(out / f"{g.name}.jpg", title, FAMILY_LABEL[fam], stages, subtitle)
+        names.append(g.name)
+        print(g.name, len(wf["nodes"]), "nodes", len(wf["links"]), "links")
+    return names
+
 
 if __name__ == "__main__":
     url = sys.argv[1].rstrip("/")
     oi = json.loads(urllib.request.build_opener(urllib.request.ProxyHandler({})).open(url + "/object_info").read())
-    OUT.mkdir(exist_ok=True)
-    for b in BUILDERS:
-        name, wf = b(oi)
-        (OUT / f"{name}.json").write_text(json.dumps(wf, indent=2, ensure_ascii=False) + "\n")
-        print(name, len(wf["nodes"]), "nodes", len(wf["links"]), "links")
+    write_all(oi)

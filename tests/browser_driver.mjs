@@ -20,7 +20,7 @@ const require = createRequire(import.meta.url);
 const { chromium } = require(job.playwright);
 const log = (...a) => console.error('[browser]', ...a);
 const t0 = Date.now();
-const result = { templates: {}, console_errors: [], timings: {} };
+const result = { templates: {}, console_errors: [], not_found: [], timings: {} };
 
 const browser = await chromium.launch({
   executablePath: job.chromium,
@@ -35,6 +35,7 @@ try {
   const page = await context.newPage();
   page.on('console', (m) => { if (m.type() === 'error') result.console_errors.push(m.text()); });
   page.on('pageerror', (e) => result.console_errors.push(`pageerror: ${e.message}`));
+  page.on('response', (r) => { if (r.status() === 404) result.not_found.push(r.url()); });
 
   await page.goto(job.url, { waitUntil: 'domcontentloaded' });
   await page.waitForFunction(() => window.app && window.app.graph && window.app.canvas && window.LiteGraph &&
@@ -51,6 +52,9 @@ try {
       const app = window.app, LG = window.LiteGraph;
       const res = await fetch(`/api/workflow_templates/${encodeURIComponent(pack)}/${encodeURIComponent(name)}.json`);
       if (!res.ok) return { fetch_status: res.status };
+      // the thumbnail the template browser shows beside it (its getTemplateThumbnailUrl)
+      const thumb = await fetch(`/api/workflow_templates/${encodeURIComponent(pack)}/${encodeURIComponent(name)}.jpg`);
+      const thumb_type = thumb.headers.get('content-type');
       const json = await res.json();
       await app.loadGraphData(json, true, true, name);
       await new Promise((ok) => setTimeout(ok, 300));
@@ -78,6 +82,9 @@ try {
         label: d.getAttribute('aria-labelledby'), text: d.innerText.slice(0, 300) }));
       const prompt = await app.graphToPrompt();
       return {
+        boxes: nodes.map((n) => ({ id: n.id, type: n.type, x: n.pos[0], y: n.pos[1] - LG.NODE_TITLE_HEIGHT,
+                                   w: n.size[0], h: n.size[1] + LG.NODE_TITLE_HEIGHT })),
+        thumb_status: thumb.status, thumb_type,
         fetch_status: res.status,
         file_node_ids: json.nodes.map((n) => n.id),
         nodes: nodes.map((n) => ({ id: n.id, type: n.type, has_errors: !!n.has_errors,
@@ -138,7 +145,14 @@ try {
         shown.push({ ...im, natural: [img.naturalWidth, img.naturalHeight] });
       }
       const prompt_id = events.find((e) => e.detail?.prompt_id)?.detail.prompt_id;
-      return { outcome, changed, images: shown, prompt_id,
+      // Let the UI lay out the previews it received, then take every node's box.
+      await new Promise((ok) => setTimeout(ok, 500));
+      app.canvas.setDirty(true, true);
+      app.canvas.draw(true, true);
+      const LG = window.LiteGraph;
+      const boxes = app.graph.nodes.map((n) => ({ id: n.id, type: n.type, x: n.pos[0], y: n.pos[1] - LG.NODE_TITLE_HEIGHT,
+                                                 w: n.size[0], h: n.size[1] + LG.NODE_TITLE_HEIGHT }));
+      return { outcome, changed, images: shown, prompt_id, boxes,
                error: events.find((e) => e.type === 'execution_error')?.detail };
     }, { pack: job.templates.pack, name: job.queue.name, widgets: job.queue.widgets, timeout: job.queue.timeout_ms });
     q.seconds = (Date.now() - t2) / 1000;

@@ -37,7 +37,7 @@ PLAYWRIGHT = Path(os.environ.get("LINFUSION_DEV", REPO / ".dev")) / "browser" / 
 OUTPUT = Path(os.environ.get("LINFUSION_TEST_OUTPUT", REPO / "test-output")) / "browser"
 DRIVER = Path(__file__).with_name("browser_driver.mjs")
 
-QUEUED = "sd15_linfusion_512_to_2k"
+QUEUED = "SD1.5 512 to 2K with LinFusion"
 # Small sizes and steps typed into the widgets before queueing (node id -> widget -> value).
 QUEUE_WIDGETS = {"5": {"width": 32, "height": 32}, "6": {"steps": 1, "cfg": 1, "seed": 5},
                  "9": {"steps": 5, "cfg": 1, "seed": 5}}
@@ -165,3 +165,33 @@ def test_queue_from_the_page_and_see_the_images(ui, wf):
     files = {nid: [im["filename"] for im in out.get("images", [])] for nid, out in history["outputs"].items()}
     assert {im["node"]: [im["filename"]] for im in q["images"]} == files
     assert (OUTPUT / "queued_run.png").stat().st_size > 10_000
+
+
+def overlaps(boxes: list[dict]) -> list[tuple]:
+    """Pairs of node boxes (title bar included) that intersect."""
+    out = []
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            if a["x"] < b["x"] + b["w"] and b["x"] < a["x"] + a["w"] and \
+               a["y"] < b["y"] + b["h"] and b["y"] < a["y"] + a["h"]:
+                out.append((f"{a['id']} {a['type']}", f"{b['id']} {b['type']}"))
+    return out
+
+
+def test_no_template_request_is_answered_404(ui):
+    """The template browser asks for each workflow and its <name>.jpg thumbnail."""
+    missing = [u for u in ui["not_found"] if "workflow_templates" in u]
+    assert missing == []
+    for name in NAMES:
+        assert (ui["templates"][name]["thumb_status"], ui["templates"][name]["thumb_type"]) == (200, "image/jpeg")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_no_nodes_overlap_as_loaded(ui, name):
+    assert overlaps(ui["templates"][name]["boxes"]) == []
+
+
+def test_no_nodes_overlap_after_a_run(ui):
+    """Samplers and image nodes grow to show their previews after a run: the layout leaves
+    them room."""
+    assert ui["queue"]["boxes"] and overlaps(ui["queue"]["boxes"]) == []

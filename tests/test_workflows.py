@@ -43,6 +43,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 import run_workflow as rw
@@ -71,16 +72,16 @@ class Run:
 
 IN_W, IN_H = standins.WorkflowServer.INPUT_IMAGE_SIZE
 RUNS = {
-    "sd15_linfusion_512_to_2k": Run(
+    "SD1.5 512 to 2K with LinFusion": Run(
         "sd15", 1 / 16, ["KSampler.steps=1", "LinFusionHighResSampler.steps=5", "cfg=1"],
         {"8": (512, 512), "11": (2048, 2048)}, "base 1; stages x2, x2: 2 + 1 (notebook strengths 0.4, 0.3 of 5)"),
-    "sd15_linfusion_16k": Run(
+    "16K image with SD1.5 and LinFusion": Run(
         "sd15", 1 / 32, ["KSampler.steps=1", "LinFusionHighResSamplerAdvanced.steps=10", "strength_schedule=constant",
                          "upscale_strength=0.1", "cfg=1", "low_memory=false"],
         {"8": (1024, 512), "11": (16384, 8192)},
         "base 1; four x2 stages: 1 + 1 + 1 + 1 (constant 0.1 of 10); low_memory off: at a few hundred tokens its 16 "
         "feed-forward chunks re-read each weight 16 times (measured 27-30 s per step instead of 4-6 s on 2 cores)"),
-    "sdxl_linfusion_1024_to_4k": Run(
+    "SDXL 1024 to 4K with LinFusion": Run(
         "sdxl", 1 / 32, ["KSampler.steps=1", "LinFusionHighResSamplerAdvanced.steps=4", "strength_schedule=constant",
                          "upscale_strength=0.25", "cfg=1"],
         {"8": (1024, 1024), "11": (4096, 4096)},
@@ -88,14 +89,14 @@ RUNS = {
         "native 512 px of the stand-in): 1 UNet call each",
         reduced=True),
     # Super-resolution doubles whatever image it gets: the promise is relative to the input.
-    "sdxl_linfusion_superres_x2": Run(
+    "SDXL super-resolution x2 with LinFusion": Run(
         "sdxl", 1.0, ["steps=4", "upscale_strength=0.25", "cfg=1"], {"7": (2 * IN_W, 2 * IN_H)},
         "one stage: 1 (0.25 of 4, rounded up), 2 UNet calls where the target passes 512 px",
         reduced=True),
-    "sd21_linfusion_768": Run(
+    "SD2.1 768 to 1536 with LinFusion": Run(
         "sd21", 1 / 16, ["KSampler.steps=1", "LinFusionHighResSampler.steps=3", "cfg=1"],
         {"8": (768, 768), "11": (1536, 1536)}, "base 1; one x2 stage: 1 (0.4 of 3)"),
-    "sd15_linfusion_lora_controlnet": Run(
+    "SD1.5 LoRA and ControlNet with LinFusion": Run(
         "sd15", 1 / 16, ["KSampler.steps=1", "LinFusionHighResSampler.steps=3", "cfg=1"],
         {"8": (512, 512), "11": (1024, 1024)}, "base 1; one x2 stage: 1 (0.4 of 3)"),
 }
@@ -136,14 +137,18 @@ def test_the_six_workflows_and_one_templates_folder():
     # with two of them the UI lists files it then cannot open.
     others = [d for d in ("example_workflows", "example", "examples", "workflow") if (REPO / d).exists()]
     assert not others, f"keep the templates in workflows/ only, found {others}"
-    assert [p for p in WORKFLOWS.iterdir() if p.suffix != ".json"] == []
+    # beside each workflow its template-browser thumbnail, <name>.jpg, and nothing else
+    assert sorted(p.name for p in WORKFLOWS.iterdir() if p.suffix != ".json") == sorted(f"{n}.jpg" for n in NAMES)
+    for n in NAMES:
+        with Image.open(WORKFLOWS / f"{n}.jpg") as im:
+            assert im.format == "JPEG" and im.size == (512, 384)
 
 
 def test_server_offers_them_as_templates(wf):
     index = wf.client.request("/api/workflow_templates")
     pack = next(k for k, v in index.items() if set(v) == set(NAMES))
     for name in NAMES:
-        served = wf.client.request(f"/api/workflow_templates/{pack}/{name}.json")
+        served = wf.client.request(f"/api/workflow_templates/{quote(pack)}/{quote(name)}.json")
         assert served == load(name)
 
 
@@ -177,10 +182,14 @@ def test_note_says_what_and_which_files(name):
     models = rw.model_urls(g)
     assert models, "loaders carry properties.models (name, url, directory) for the UI's download prompt"
     for fname, (folder, url) in models.items():
-        assert f"models/{folder}/{fname}" in text and url in text, fname
+        repo = "/".join(url.split("/")[2:5])  # huggingface.co/<owner>/<repo>: where to get it
+        assert f"models/{folder}/{fname}" in text and repo in text, fname
     fam = RUNS[name].family
     assert LINFUSION_FOLDER[fam] in text and "huggingface.co/Yuanshi/" in text
-    assert f"workflows/{name}.json" in text or "run_workflow.py" in text
+    # what a UI user needs, short enough to read without scrolling; the command line is in the README
+    assert len(text) <= 800 and "python " not in text
+    lines = sum(max(1, -(-len(line) // 46)) for line in text.split("\n"))
+    assert notes[0]["size"][1] >= 40 + 17 * lines
     for n in real_nodes(g):  # LinFusion in 'auto', as the issue asks
         if n["type"] == "ApplyLinFusion":
             assert n["widgets_values"][0] == "auto"
@@ -301,7 +310,7 @@ def test_converted_prompt_passes_comfyui_validation(name, object_info, wf, monke
 # -- the runner: conversion details --------------------------------------------------------------
 def test_runner_conversion_of_primitives_reroutes_bypass_and_mute(object_info):
     """UI features the example files do not use, converted as the web UI converts them."""
-    g = load("sd15_linfusion_512_to_2k")
+    g = load("SD1.5 512 to 2K with LinFusion")
     nodes = {n["id"]: n for n in g["nodes"]}
     # A primitive node feeding KSampler's seed, through a reroute.
     ks = nodes[6]
@@ -330,7 +339,7 @@ def test_runner_conversion_of_primitives_reroutes_bypass_and_mute(object_info):
 
 
 def test_runner_scales_pixel_sizes_and_sets_inputs(object_info):
-    p = rw.ui_to_api(load("sd15_linfusion_16k"), object_info)
+    p = rw.ui_to_api(load("16K image with SD1.5 and LinFusion"), object_info)
     changes = rw.scale_pixel_sizes(p, 1 / 32, object_info)
     assert (p["5"]["inputs"]["width"], p["5"]["inputs"]["height"]) == (32, 16)
     assert p["9"]["inputs"]["width"] == 0 and p["9"]["inputs"]["scale_by"] == 16.0  # 0 = auto, factors stay
@@ -344,7 +353,7 @@ def test_runner_scales_pixel_sizes_and_sets_inputs(object_info):
 
 
 def test_runner_names_a_missing_model_and_its_folder(object_info, wf, tmp_path):
-    g = load("sd15_linfusion_lora_controlnet")
+    g = load("SD1.5 LoRA and ControlNet with LinFusion")
     for n in g["nodes"]:
         if n["type"] == "ControlNetLoader":
             n["widgets_values"] = ["control_v11p_sd15_openpose_fp16.safetensors"]
@@ -405,7 +414,7 @@ def run_once(wf, name: str, object_info: dict) -> tuple[rw.RunResult, dict, str]
     return result, prompt, wf.log_text()[since:]
 
 
-@pytest.mark.parametrize("name", [n for n in NAMES if n != "sd21_linfusion_768"])
+@pytest.mark.parametrize("name", [n for n in NAMES if n != "SD2.1 768 to 1536 with LinFusion"])
 def test_workflow_runs_headless_and_keeps_its_sizes(name, wf, object_info):
     run = RUNS[name]
     if run.reduced and wf.sdxl == "full":
@@ -429,7 +438,7 @@ def test_workflow_runs_headless_and_keeps_its_sizes(name, wf, object_info):
     if not any(prompt[n]["class_type"] == "ApplyLinFusion" for n in cached):
         assert re.search(rf"LinFusion: \d+ self-attention layers of \S+ replaced with \S*/{LINFUSION_FOLDER[fam]}\b",
                          log), log[-2000:]
-    if name == "sd15_linfusion_lora_controlnet":
+    if name == "SD1.5 LoRA and ControlNet with LinFusion":
         assert "lora key not loaded" not in log  # every LoRA key found its layer, LinFusion's included
     tag = " (SDXL graph on the SD1.5 stand-in)" if run.reduced else ""
     server_fixtures.note(f"Workflow {name}", f"{seconds:.1f} s at scale {run.scale:g}{tag}: {run.stage_steps}; "
@@ -447,7 +456,7 @@ def test_sd21_workflow_through_the_command_line(wf, tmp_path):
     """The runner as a user runs it (subprocess, --server), on the SD2.1 v-prediction stand-in:
     progress lines, the scaled sizes on stdout, the files on disk, and ComfyUI's own detection of
     the stand-in as a v-prediction model with LinFusion-2-1 weights picked by 'auto'."""
-    name = "sd21_linfusion_768"
+    name = "SD2.1 768 to 1536 with LinFusion"
     run = RUNS[name]
     since = len(wf.log_text())
     out = OUTPUT / "cli"
@@ -462,7 +471,7 @@ def test_sd21_workflow_through_the_command_line(wf, tmp_path):
     assert "model_type V_PREDICTION" in log
     assert re.search(r"LinFusion: 16 self-attention layers of SD2\.x replaced with .*/LinFusion-2-1\b", log), \
         log[-2000:]
-    reported = dict(re.findall(r"^(\S+\.png)  (\d+x\d+)$", r.stdout, re.M))
+    reported = dict(re.findall(r"^(.+\.png)  (\d+x\d+)$", r.stdout, re.M))
     expected = expected_sizes(run)
     assert sorted(reported.values()) == sorted(f"{w}x{h}" for w, h in expected.values())
     for path, size in reported.items():
