@@ -153,8 +153,9 @@ class G:
 # nodes grow downwards when they show previews after a run, so nothing is placed below them; the
 # Load Checkpoint -> Apply LinFusion link runs forward. tests/test_browser.py checks that no two
 # node boxes intersect, as loaded and after a queued run.
-TOP = 80
+TOP = 100  # the first row's node tops; titles sit 30 px above, group titles 40 px above those
 GAP = 40
+GROUP_TOP = TOP - 75
 POS_COLOR, NEG_COLOR = ("#232", "#353"), ("#322", "#533")
 
 
@@ -178,7 +179,7 @@ def model_group(g: G, ckpt: str, lora: dict | None = None) -> tuple[tuple[int, i
         x += 340 + GAP
     g.node(2, "ApplyLinFusion", (x, TOP), (340, 110), "Apply LinFusion", {"weights": "auto", "softmax_max_tokens": 0},
            {"model": model})
-    g.group("Model", (420, TOP - 40, x + 340 + 20 - 420, 230))
+    g.group("Model", (420, GROUP_TOP, x + 340 + 20 - 420, TOP + 200 - GROUP_TOP))
     return (2, 0), clip, x
 
 
@@ -186,7 +187,7 @@ def prompts(g: G, clip, x: int, pos_text: str, neg_text: str | None) -> int:
     """Positive and negative prompt below Apply LinFusion; SDXL (neg_text None) gets the zeroed
     negative of the reference (diffusers' force_zeros_for_empty_prompt): ConditioningZeroOut.
     Returns the y below them."""
-    y = TOP + 230
+    y = TOP + 290
     g.node(3, "CLIPTextEncode", (x, y), (420, 160), "Positive prompt", {"text": pos_text}, {"clip": clip},
            color=POS_COLOR)
     if neg_text is None:
@@ -198,6 +199,11 @@ def prompts(g: G, clip, x: int, pos_text: str, neg_text: str | None) -> int:
     return y + 370
 
 
+def prompt_group(g: G, x: int, bottom: int, title: str = "Prompt") -> None:
+    """The group around the prompt column, below the Model group."""
+    g.group(title, (x - 20, TOP + 210, 460, bottom - TOP - 190))
+
+
 def base_image(g: G, x: int, model, pos, neg, latent, ksampler: dict, prefix: str) -> int:
     """KSampler (6) -> VAE Decode (7) -> Save (8), each in its own column. Returns the next x."""
     g.node(6, "KSampler", (x, TOP), (320, 270), "Base image", ksampler,
@@ -205,14 +211,14 @@ def base_image(g: G, x: int, model, pos, neg, latent, ksampler: dict, prefix: st
     g.node(7, "VAEDecode", (x + 360, TOP), (220, 50), None, {}, {"samples": (6, 0), "vae": (1, 2)})
     g.node(8, "SaveImage", (x + 360, TOP + 100), (360, 360), "Save base image", {"filename_prefix": prefix},
            {"images": (7, 0)})
-    g.group("Base image", (x - 20, TOP - 40, 360 + 360 + 40, 560))
+    g.group("Base image", (x - 20, GROUP_TOP, 360 + 360 + 40, 600))
     return x + 360 + 360 + 60
 
 
 def upscale(g: G, x: int, kind: str, widgets: dict, links: dict, title: str, height: int, nid: int = 9) -> int:
     """The LinFusion high-res node (`nid`). Returns the next x."""
     g.node(nid, kind, (x, TOP), (360, height), title, widgets, links)
-    g.group("Upscale", (x - 20, TOP - 40, 400, height + 80))
+    g.group("Upscale", (x - 20, GROUP_TOP, 400, height + 120))
     return x + 360 + 60
 
 
@@ -232,7 +238,7 @@ def save_final(g: G, x: int, prefix: str, tiled: int = 0, source=(9, 0), save_id
         y = TOP
     g.node(save_id, "SaveImage", (x, y), (520, 560), "Save final image", {"filename_prefix": prefix},
            {"images": source})
-    g.group("Save", (x - 20, TOP - 40, 560, y - TOP + 640))
+    g.group("Save", (x - 20, GROUP_TOP, 560, y - GROUP_TOP + 600))
 
 
 NEG = "blurry, low quality, lowres, deformed, watermark, text, signature"
@@ -263,7 +269,7 @@ def wf_sd15_2k(oi):
     y = prompts(g, clip, x, "a cozy alpine village at dusk, warm lights in the windows, snow-covered roofs, "
                 "mountains in the background, highly detailed photograph", NEG)
     g.node(5, "EmptyLatentImage", (x, y), (320, 110), "Base size", {"width": 512, "height": 512, "batch_size": 1})
-    g.group("Prompt", (x - 20, TOP + 190, 460, y - TOP - 60 + 150))
+    prompt_group(g, x, y + 150)
     x = base_image(g, x + 460, model, (3, 0), (4, 0), (5, 0),
                    {"seed": 42, "steps": 25, "cfg": 7.5, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0},
                    "LinFusion/sd15_512")
@@ -285,7 +291,7 @@ def wf_sd15_16k(oi):
     model, clip, x = model_group(g, SD15)
     y = prompts(g, clip, x, "A photo of the Milky Way galaxy", "")
     g.node(5, "EmptyLatentImage", (x, y), (320, 110), "Base size", {"width": 1024, "height": 512, "batch_size": 1})
-    g.group("Prompt", (x - 20, TOP + 190, 460, y - TOP - 60 + 150))
+    prompt_group(g, x, y + 150)
     x = base_image(g, x + 460, model, (3, 0), (4, 0), (5, 0),
                    {"seed": 3, "steps": 50, "cfg": 7.5, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0},
                    "LinFusion/sd15_1k")
@@ -312,7 +318,7 @@ def wf_sdxl_4k(oi):
     y = prompts(g, clip, x, "An astronaut floating in space. Beautiful view of the stars and the universe in the "
                 "background.", None)
     g.node(5, "EmptyLatentImage", (x, y), (320, 110), "Base size", {"width": 1024, "height": 1024, "batch_size": 1})
-    g.group("Prompt", (x - 20, TOP + 190, 460, y - TOP - 60 + 150))
+    prompt_group(g, x, y + 150)
     x = base_image(g, x + 460, model, (3, 0), (4, 0), (5, 0),
                    {"seed": 42, "steps": 50, "cfg": 7.5, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0},
                    "LinFusion/sdxl_1k")
@@ -338,7 +344,7 @@ def wf_sdxl_sr(oi):
     model, clip, x = model_group(g, SDXL)
     y = prompts(g, clip, x, "a detailed, sharp, high-resolution photograph", None)
     g.node(5, "LoadImage", (x, y), (340, 420), "Image to upscale", {"image": "example.png"})
-    g.group("Prompt and image", (x - 20, TOP + 190, 460, y - TOP - 60 + 460))
+    prompt_group(g, x, y + 460, "Prompt and image")
     x = upscale(g, x + 460, "LinFusionSuperResolution",
                 {"scale_by": 2.0, "width": 0, "height": 0, "stages": "single", "seed": 123, "steps": 50, "cfg": 7.5,
                  "sampler_name": "euler", "scheduler": "normal", "method": "demofusion", "upscale_strength": 0.32,
@@ -362,7 +368,7 @@ def wf_sd21(oi):
     model, clip, x = model_group(g, "v2-1_768-ema-pruned.safetensors")
     y = prompts(g, clip, x, "a red fox in a snowy birch forest, morning light, highly detailed photograph", NEG)
     g.node(5, "EmptyLatentImage", (x, y), (320, 110), "Base size", {"width": 768, "height": 768, "batch_size": 1})
-    g.group("Prompt", (x - 20, TOP + 190, 460, y - TOP - 60 + 150))
+    prompt_group(g, x, y + 150)
     x = base_image(g, x + 460, model, (3, 0), (4, 0), (5, 0),
                    {"seed": 7, "steps": 30, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0},
                    "LinFusion/sd21_768")
@@ -387,7 +393,7 @@ def wf_lora_cn(oi):
     y = prompts(g, clip, x, "a futuristic glass house on a lake, golden hour, architectural photograph, "
                 "highly detailed", NEG)
     g.node(5, "EmptyLatentImage", (x, y), (320, 110), "Base size", {"width": 512, "height": 512, "batch_size": 1})
-    g.group("Prompt", (x - 20, TOP + 190, 460, y - TOP - 60 + 150))
+    prompt_group(g, x, y + 150)
     cx = x + 460  # the ControlNet column: control image, edges, ControlNet
     g.node(14, "LoadImage", (cx, TOP + 420), (320, 380), "Control image", {"image": "example.png"})
     g.node(15, "Canny", (cx + 360, TOP + 420), (320, 90), None, {"low_threshold": 0.4, "high_threshold": 0.8},
@@ -398,7 +404,7 @@ def wf_lora_cn(oi):
     g.node(18, "ControlNetApplyAdvanced", (cx + 360, TOP + 120), (320, 190), None,
            {"strength": 0.9, "start_percent": 0.0, "end_percent": 1.0},
            {"positive": (3, 0), "negative": (4, 0), "control_net": (17, 0), "image": (15, 0), "vae": (1, 2)})
-    g.group("ControlNet", (cx - 20, TOP - 40, 760, 960))
+    g.group("ControlNet", (cx - 20, GROUP_TOP, 760, 1000))
     x = base_image(g, cx + 760, model, (18, 0), (18, 1), (5, 0),
                    {"seed": 11, "steps": 8, "cfg": 1.5, "sampler_name": "lcm", "scheduler": "sgm_uniform",
                     "denoise": 1.0}, "LinFusion/lora_cn_512")
