@@ -577,10 +577,11 @@ def launch(fn: Callable, world: int, args: tuple = (), *, backend: str = "gloo",
             raise WorkerError("band-parallel worker failure: " + "; ".join(msg))
         return [got[r][1] for r in range(world)]
     finally:
-        for p in procs:
+        started = [p for p in procs if p.pid is not None]
+        for p in started:
             if p.is_alive():
                 p.terminate()
-        for p in procs:
+        for p in started:
             p.join(5)
             if p.is_alive():
                 p.kill()
