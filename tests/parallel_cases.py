@@ -16,10 +16,11 @@ import comfy_env  # noqa: E402
 
 comfy_env.setup(cpu=True)
 import helpers  # noqa: E402  (imports comfy)
-import linfusion as lf  # noqa: E402  (the top-level package: one class identity for isinstance)
-import linfusion.parallel as par  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+
+import linfusion as lf  # noqa: E402  (the top-level package: one class identity for isinstance)
+import linfusion.parallel as par  # noqa: E402
 
 WIDTH = 8  # latent columns: bands split rows only, so width just needs to be small
 # (world, latent height): even and uneven bands (uneven bands differ by 8 rows)

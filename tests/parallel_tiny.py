@@ -12,10 +12,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
-import linfusion.parallel as par  # noqa: E402
 import torch  # noqa: E402
-from linfusion.attention import LinFusionAttention  # noqa: E402
 from torch import nn  # noqa: E402
+
+import linfusion.parallel as par  # noqa: E402
+from linfusion.attention import LinFusionAttention  # noqa: E402
 
 
 class TinyUNet(nn.Module):

@@ -22,8 +22,9 @@ import torch.distributed as dist
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
-import linfusion.parallel as par  # noqa: E402  (top-level: the workers import the same one)
 import parallel_tiny  # noqa: E402
+
+import linfusion.parallel as par  # noqa: E402  (top-level: the workers import the same one)
 
 TOL = 1e-5  # fp32 max abs: the band path sums the same terms in a different order
 
