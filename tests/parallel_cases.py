@@ -16,6 +16,7 @@ import comfy_env  # noqa: E402
 
 comfy_env.setup(cpu=True)
 import helpers  # noqa: E402  (imports comfy)
+import parallel_tiny  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
@@ -29,6 +30,9 @@ EVEN2, UNEVEN2, EVEN3, UNEVEN3 = (2, 16), (2, 24), (3, 24), (3, 32)
 # only the deepest (16) takes the softmax branch. A band-local decision would be wrong at the
 # middle level, whose bands hold 32/16/16 tokens: the decision must use the global count.
 HYBRID_TOKENS = 32
+
+
+TINY_HEIGHTS = [24, 40]  # the pure-PyTorch net on 3 ranks: bands of 8/8/8 and 16/16/8 rows
 
 
 def unet(kind: str, hybrid_tokens: int = 0, linfusion: bool = True) -> torch.nn.Module:
@@ -114,4 +118,5 @@ def run_cases(rank: int, world: int) -> dict:
         out["refusal"] = str(e)
     out["leftovers"] += patched_leftovers(net)
     dist.destroy_process_group(groups[2])
+    out["tiny"] = parallel_tiny.overlap_cases(rank, world, TINY_HEIGHTS)
     return out
