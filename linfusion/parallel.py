@@ -35,6 +35,7 @@ import contextlib
 import logging
 import os
 import queue as queue_mod
+import sys
 import tempfile
 import time
 import traceback
@@ -186,12 +187,14 @@ class BandParallel:
 
     Use `band_parallel(model, ...)` to patch a module tree; then `forward(fn, x, ...)` splits a
     full latent, runs fn on this rank's band and gathers the full output on every rank.
+    overlap: compute a conv's halo-free rows while its halos travel (three conv calls);
+    None: on GPUs only. Otherwise the band is copied into the conv's input while they travel.
     `bytes_sent` counts this rank's payload bytes per kind ("summary", "halo", "groupnorm",
     "gather", "output") for the benchmark.
     """
 
     def __init__(self, group: Any = None, *, row_multiple: int = 8, timeout_s: float = DEFAULT_TIMEOUT_S,
-                 other_attention: str = "gather", overlap: bool = True) -> None:
+                 other_attention: str = "gather", overlap: bool | None = None) -> None:
         if not dist.is_initialized():
             raise BandParallelError("band-parallel: torch.distributed is not initialised: call "
                                     "torch.distributed.init_process_group (or use launch()) first")
@@ -330,8 +333,9 @@ class BandParallel:
             return [x.new_zeros(x.shape[0], x.shape[1], n, x.shape[3])] if n else []
 
         parts = []
-        if self.overlap and j0 < jb:
-            # The rows needing no halo run while the halos travel.
+        if self._split_convs(x) and j0 < jb:
+            # The rows needing no halo run while the halos travel (three conv calls: worth it
+            # where a call is cheap to launch, i.e. on GPUs).
             mid = run(xl[:, :, j0 * s - t:(jb - 1) * s + reach + 1 - t])
             self._wait(works, m)
             if j0 > 0:
@@ -343,15 +347,32 @@ class BandParallel:
                                  dim=2)
                 parts.append(run(tail[:, :, :length - jb * s]))
         else:
+            # One conv call over the assembled rows; the band is copied in while the halos
+            # travel. On CPU this is the faster form: each oneDNN conv call re-lays out its
+            # weights, so three calls per conv cost a third more CPU time (measured, SD1.5
+            # layout, 64 channels, 1024 px: bench/RESULTS.md).
+            b, c, _, w = x.shape
+            n_in = min(length, me.top_zeros + (0 if top is None else top.shape[2]) + xl.shape[2]
+                       + (0 if bot is None else bot.shape[2]) + me.bottom_zeros)
+            full = x.new_empty(b, c, n_in, w)
+            end = min(n_in, t + xl.shape[2])
+            full[:, :, t:end].copy_(xl[:, :, :end - t])
+            full[:, :, :me.top_zeros].zero_()
+            full[:, :, end + (0 if bot is None else bot.shape[2]):].zero_()
             self._wait(works, m)
-            full = torch.cat(zeros(me.top_zeros) + ([top] if top is not None else []) + [xl]
-                             + ([bot] if bot is not None else []) + zeros(me.bottom_zeros), dim=2)
-            parts.append(run(full[:, :, :length]))
+            if top is not None:
+                full[:, :, me.top_zeros:t].copy_(top)
+            if bot is not None and end < n_in:
+                full[:, :, end:end + bot.shape[2]].copy_(bot[:, :, :n_in - end])
+            parts.append(run(full))
         out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
         if out.shape[-2] != n_out:
             raise BandParallelError(f"band-parallel rank {self.rank}: {self._name(m)!r} made {out.shape[-2]} "
                                     f"rows, expected {n_out} (an internal geometry error)")
         return out
+
+    def _split_convs(self, x: torch.Tensor) -> bool:
+        return x.device.type != "cpu" if self.overlap is None else self.overlap
 
     def _exchange(self, x: torch.Tensor, plan: ConvPlan, m: nn.Module):
         """Post the halo receives and sends of one conv; returns (works, top, bottom)."""
@@ -403,12 +424,19 @@ class BandParallel:
         total = stats[-1]
         g_mean = stats[:b * g] / total
         g_var = (stats[b * g:2 * b * g] / total - g_mean * g_mean).clamp_(min=0)
-        inv = torch.rsqrt(g_var + m.eps).float().view(b, g, 1)
-        y = ((xg.float() - g_mean.float().view(b, g, 1)) * inv).view(x.shape).to(x.dtype)
+        # y = x * scale + shift per (sample, channel): one pass over x after the statistics,
+        # as in the fused native kernel (the unfused form took 4 passes: 20% of a band step).
+        inv = torch.rsqrt(g_var + m.eps).view(b, g, 1)
+        scale = inv.expand(b, g, c // g).reshape(b, c)
+        shift = -g_mean.view(b, g, 1).expand(b, g, c // g).reshape(b, c) * scale
         if m.affine:
-            shape = (1, c) + (1,) * (x.ndim - 2)
-            y = y * m.weight.to(x).view(shape) + m.bias.to(x).view(shape)
-        return y
+            w64, b64 = m.weight.detach().double().to(x.device), m.bias.detach().double().to(x.device)
+            scale, shift = scale * w64, shift * w64 + b64
+        view = (b, c) + (1,) * (x.ndim - 2)
+        if x.dtype in (torch.float32, torch.float64):
+            return torch.addcmul(shift.to(x.dtype).view(view), x, scale.to(x.dtype).view(view))
+        # half inputs: normalise in fp32 like the native kernel, then round once
+        return torch.addcmul(shift.float().view(view), x.float(), scale.float().view(view)).to(x.dtype)
 
     def linfusion(self, m: LinFusionAttention, orig: Callable, x: torch.Tensor, context=None, value=None, mask=None,
                   transformer_options=None, **extra: Any) -> torch.Tensor:
@@ -593,3 +621,57 @@ def launch(fn: Callable, world: int, args: tuple = (), *, backend: str = "gloo",
 
 __all__ = ["BandParallel", "BandParallelError", "Bands", "ConvPlan", "Halo", "WorkerError", "band_parallel",
            "conv_plan", "launch", "split_rows"]
+
+
+# --------------------------------------------------------------------------------------------
+# A persistent worker: one extra device of a host application (the ComfyUI node)
+
+
+def _to(t: Any, device: torch.device) -> Any:
+    return t.to(device) if isinstance(t, torch.Tensor) else t
+
+
+def serve(rank: int, world: int, init_method: str, backend: str, timeout_s: float, device: str,
+          builder_file: str, requests: Any, replies: Any) -> None:
+    """Worker loop of a persistent band-parallel group (run in a spawned process).
+
+    Joins the group, then serves messages from `requests`: ("load", payload) builds the model
+    with build_unet(payload, device) from `builder_file` (a host-specific file loaded by path,
+    so this module stays free of host imports); ("forward", x, args, kwargs) runs this rank's
+    band of one forward in step with rank 0; ("stop",) leaves. Replies ("ok"|"error", rank, text)
+    go to `replies`. The process group is destroyed on the way out.
+    """
+    import importlib.util
+
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
+                            timeout=timedelta(seconds=timeout_s))
+    unet = None
+    try:
+        spec = importlib.util.spec_from_file_location("linfusion_band_builder", builder_file)
+        builder = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(builder)
+        while True:
+            msg = requests.get()
+            try:
+                if msg[0] == "stop":
+                    replies.put(("ok", rank, "stopped"))
+                    return
+                if msg[0] == "load":
+                    unet = builder.build_unet(msg[1], dev)
+                    replies.put(("ok", rank, "loaded"))
+                elif msg[0] == "forward":
+                    _, x, args, kwargs = msg
+                    with band_parallel(unet, timeout_s=timeout_s) as bp, torch.no_grad():
+                        bp.forward(unet, _to(x, dev), *[_to(a, dev) for a in args],
+                                   **{k: _to(v, dev) for k, v in kwargs.items()})
+                    replies.put(("ok", rank, "forward"))
+            except Exception:
+                replies.put(("error", rank, traceback.format_exc()))
+                if isinstance(sys.exc_info()[1], BandParallelError) or msg[0] == "load":
+                    return  # the group is out of step: rank 0 tears it down
+    finally:
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
