@@ -7,10 +7,11 @@ from comfy_api.latest import ComfyExtension, io
 from . import weights_store
 from .apply import ApplyLinFusion
 from .highres import NODES as HIGHRES_NODES
+from .multigpu import LinFusionMultiGPU
 
 weights_store.register_folder()
 
-NODES: list[type[io.ComfyNode]] = [ApplyLinFusion, *HIGHRES_NODES]
+NODES: list[type[io.ComfyNode]] = [ApplyLinFusion, *HIGHRES_NODES, LinFusionMultiGPU]
 
 
 class LinFusionExtension(ComfyExtension):

@@ -1,0 +1,131 @@
+"""Exact band parallelism (linfusion/parallel.py) on CPU with gloo: spawned worker processes
+run one UNet forward on horizontal bands of the latent and must reproduce the single-process
+output of the small real-layout models (SD1.5 / SD2.1 / SDXL, LinFusion applied).
+
+The reference's multi-GPU path (DistriFusion, src/distrifuser in Huage001/LinFusion) is
+displaced patch parallelism and inexact by design; this one is compared against the plain
+single-process forward, not against it.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+import parallel_tiny  # noqa: E402
+
+import linfusion.parallel as par  # noqa: E402  (top-level: the workers import the same one)
+
+TOL = 1e-5  # fp32 max abs: the band path sums the same terms in a different order
+
+
+def test_split_rows_even_uneven_and_clear_errors():
+    assert par.split_rows(32, 2).edges == (0, 16, 32)
+    assert par.split_rows(40, 3).edges == (0, 16, 32, 40)  # 5 units of 8 rows: 2, 2, 1
+    assert par.split_rows(24, 2, row_multiple=4).edges == (0, 12, 24)
+    with pytest.raises(par.BandParallelError, match="latent height 30 is not a multiple of 8"):
+        par.split_rows(30, 2)
+    with pytest.raises(par.BandParallelError, match="fewer than the 3 ranks"):
+        par.split_rows(16, 3)
+
+
+def test_conv_plan_same_strided_and_dilated():
+    bands = par.split_rows(32, 3)  # (0, 16, 24, 32)
+    same = par.conv_plan(bands, 3, 1, 1)
+    assert same.out == bands
+    assert [(h.top_zeros, h.top_rows, h.bottom_rows, h.bottom_zeros) for h in same.halos] == [
+        (1, 0, 1, 0), (0, 1, 1, 0), (0, 1, 0, 1)]
+    # UNet Downsample (k3, stride 2, padding 1): bands halve, each reads one row from above only
+    down = par.conv_plan(bands, 3, 2, 1)
+    assert down.out.edges == (0, 8, 12, 16)
+    assert [(h.top_zeros, h.top_rows, h.bottom_rows, h.bottom_zeros) for h in down.halos] == [
+        (1, 0, 0, 0), (0, 1, 0, 0), (0, 1, 0, 0)]
+    dil = par.conv_plan(bands, 3, 1, 2, dilation=2)
+    assert [(h.top_rows, h.bottom_rows) for h in dil.halos] == [(0, 2), (2, 2), (2, 0)]
+    with pytest.raises(par.BandParallelError, match="needs more rows than a neighbouring band"):
+        par.conv_plan(par.split_rows(24, 3), 5, 1, 10, dilation=5)  # 10-row halos, 8-row bands
+
+
+@pytest.fixture
+def single_rank_group(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1,
+                            timeout=timedelta(seconds=20))
+    yield
+    dist.destroy_process_group()
+    assert not dist.is_initialized()
+
+
+def test_patches_undone_after_use_and_after_error(single_rank_group):
+    net = parallel_tiny.tiny()
+    x = parallel_tiny.latent(16)
+    with torch.no_grad():
+        before = net(x)
+    with par.band_parallel(net) as bp, torch.no_grad():
+        assert sum("forward" in m.__dict__ for m in net.modules()) == 7  # 5 convs, GroupNorm, LinFusion
+        one_band = bp.forward(net, x)
+    assert (one_band - before).abs().max() < TOL
+    assert not any("forward" in m.__dict__ for m in net.modules())
+    with pytest.raises(par.BandParallelError, match="latent height 20 is not a multiple of 8"):
+        with par.band_parallel(net) as bp, torch.no_grad():
+            bp.forward(net, parallel_tiny.latent(20))
+    assert not any("forward" in m.__dict__ for m in net.modules())
+    with torch.no_grad():
+        assert torch.equal(net(x), before)  # bit-identical once unpatched
+
+
+def test_other_attention_option_is_checked(single_rank_group):
+    with pytest.raises(par.BandParallelError, match="other_attention='drop'"):
+        par.BandParallel(other_attention="drop")
+
+
+def test_unet_layouts_band_parallel_equal_single_process():
+    import parallel_cases as pc  # imports ComfyUI: in the test, not at collection
+
+    res = par.launch(pc.run_cases, 3, timeout_s=60, threads=1)
+    assert not multiprocessing.active_children()
+    refs = pc.references()
+    assert len(refs) == 8
+    for key, ref in refs.items():
+        (kind, hybrid, linfusion), world, height = key
+        for rank in range(world):
+            out = torch.from_numpy(res[rank]["outputs"][key])
+            assert out.shape == ref.shape == (2, 4, height, pc.WIDTH)
+            err = (out - ref).abs().max().item()
+            assert err < TOL, (key, rank, err)
+        sent = res[0]["bytes"][key]
+        assert (sent.get("summary", 0) > 0) == linfusion  # LinFusion layers all-reduce summaries
+        assert (sent.get("gather", 0) > 0) == (hybrid > 0 or not linfusion)  # softmax attn1 gathers
+        assert sent["halo"] > 0 and sent["groupnorm"] > 0
+    for rank in range(3):
+        assert res[rank]["leftovers"] == []  # no forward patch left on any module
+    # the pure-PyTorch net (3x3, dilated, stride-2 convs, upsampling) with and without overlap
+    net = parallel_tiny.tiny()
+    for height in pc.TINY_HEIGHTS:
+        with torch.no_grad():
+            ref = net(parallel_tiny.latent(height))
+        for rank in range(3):
+            for overlap in (True, False):
+                err = (torch.from_numpy(res[rank]["tiny"][(height, overlap)]) - ref).abs().max().item()
+                assert err < TOL, (height, overlap, rank, err)
+    assert "input_blocks.7.1.transformer_blocks.0.attn1" in res[0]["refusal"]
+    assert "other_attention='gather'" in res[0]["refusal"]
+
+
+def test_killed_worker_fails_fast_naming_the_rank():
+    start = time.monotonic()
+    with pytest.raises(par.WorkerError, match=r"rank 1 died \(exit code -9\)") as info:
+        par.launch(parallel_tiny.die_mid_step, 2, timeout_s=10, threads=1)
+    assert time.monotonic() - start < 60
+    assert not multiprocessing.active_children()
+    # rank 0 reports its failed collective (or was stopped) instead of hanging
+    assert "rank 0" not in str(info.value) or "band-parallel rank 0/2" in str(info.value)
