@@ -77,5 +77,20 @@ def _seed():
     torch.manual_seed(0)
 
 
+# Fixtures that start a server process, a browser, or build full-size stand-in files.
+HEAVY_FIXTURES = {"comfy_server", "model_dirs", "sd15_checkpoint", "wf", "object_info"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark `server` every test that needs a heavy fixture or a browser: the version matrix runs
+    the rest (and the `matrix` tests) on the older ComfyUI (.ci/run). No CUDA: `cuda` tests skip."""
+    cuda = torch.cuda.is_available()
+    for item in items:
+        if HEAVY_FIXTURES & set(getattr(item, "fixturenames", ())) or item.module.__name__ == "test_browser":
+            item.add_marker(pytest.mark.server)
+        if "cuda" in item.keywords and not cuda:
+            item.add_marker(pytest.mark.skip(reason="needs an NVIDIA GPU (scripts/gpu_check.sh)"))
+
+
 # Server fixtures (a real ComfyUI server process with this pack) live in their own module.
 pytest_plugins = ["server_fixtures"]
