@@ -22,7 +22,9 @@ sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "scripts"))
 import comfy_env  # noqa: E402
 
-COMFYUI = comfy_env.setup(cpu=True)  # before comfy.model_management is imported: no CUDA here
+# CPU mode, set before comfy.model_management is imported; LINFUSION_TEST_GPU=1 (scripts/gpu_check.py,
+# for the `cuda` tests only) lets ComfyUI use the GPU.
+COMFYUI = comfy_env.setup(cpu=os.environ.get("LINFUSION_TEST_GPU") != "1")
 import comfy.model_management  # noqa: E402,F401
 import folder_paths  # noqa: E402
 import helpers  # noqa: E402  (tests/helpers.py: model and weight builders)

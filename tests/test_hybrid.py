@@ -65,7 +65,7 @@ def softmax_path_error(patcher, want: dict) -> float:
 
 
 @pytest.fixture
-def setup(lf, node_classes, linfusion_dir):
+def hybrid_case(lf, node_classes, linfusion_dir):
     model = helpers.small_model("sd15")
     put_weights(lf, linfusion_dir, model)
     pristine = pristine_attn_weights(model)
@@ -83,8 +83,8 @@ def during_sampling(patcher, probe):
 
 
 @pytest.mark.parametrize("lora_first", [True, False], ids=["lora-before-apply", "lora-after-apply"])
-def test_softmax_path_computes_with_the_lora_weights(node_classes, setup, lora_first):
-    model, pristine, lora, loraed = setup
+def test_softmax_path_computes_with_the_lora_weights(node_classes, hybrid_case, lora_first):
+    model, pristine, lora, loraed = hybrid_case
     if lora_first:
         m = model.clone()
         m.add_patches(lora, 1.0)
@@ -105,10 +105,10 @@ def test_softmax_path_computes_with_the_lora_weights(node_classes, setup, lora_f
     assert during_sampling(plain_hybrid, lambda: softmax_path_error(plain_hybrid, pristine)) < 2e-5
 
 
-def test_lora_added_after_a_sampled_and_still_loaded_hybrid_model(node_classes, setup):
+def test_lora_added_after_a_sampled_and_still_loaded_hybrid_model(node_classes, hybrid_case):
     """The hybrid model samples (and stays loaded), then a LoRA clone of it samples: ComfyUI
     re-patches, and the softmax path follows; the first model is unchanged afterwards."""
-    model, pristine, lora, loraed = setup
+    model, pristine, lora, loraed = hybrid_case
     hybrid = apply(node_classes, model, 4096)
     assert during_sampling(hybrid, lambda: softmax_path_error(hybrid, pristine)) < 2e-5
     with_lora = hybrid.clone()
@@ -119,10 +119,10 @@ def test_lora_added_after_a_sampled_and_still_loaded_hybrid_model(node_classes, 
     assert all(torch.equal(pristine_attn_weights(model)[t], pristine[t]) for t in TENSORS)
 
 
-def test_lowvram_per_layer_patching_reaches_the_softmax_path(pack, node_classes, setup):
+def test_lowvram_per_layer_patching_reaches_the_softmax_path(pack, node_classes, hybrid_case):
     """Low-VRAM loading leaves weights unpatched and applies the patches per operation (as
     Dynamic VRAM does for every layer): the softmax layer's mirrored patches work that way too."""
-    model, pristine, lora, loraed = setup
+    model, pristine, lora, loraed = hybrid_case
     hybrid = apply(node_classes, model, 4096).clone()
     hybrid.add_patches(lora, 1.0)
     pack.nodes.apply.mirror_patches_to_softmax(hybrid, [PATH])  # what the sampling wrapper does
@@ -137,10 +137,10 @@ def test_lowvram_per_layer_patching_reaches_the_softmax_path(pack, node_classes,
     assert all(torch.equal(pristine_attn_weights(model)[t], pristine[t]) for t in TENSORS)
 
 
-def test_a_copy_of_the_model_uses_its_own_softmax_layers(node_classes, setup):
+def test_a_copy_of_the_model_uses_its_own_softmax_layers(node_classes, hybrid_case):
     """ComfyUI may sample a deep copy of the model (one per GPU): the kept softmax layer is bound
     to the copy actually sampled, not to the model the node saw."""
-    model, pristine, lora, loraed = setup
+    model, pristine, lora, loraed = hybrid_case
     hybrid = apply(node_classes, model, 4096).clone()
     hybrid.add_patches(lora, 1.0)
     copied = hybrid.clone()
