@@ -80,7 +80,7 @@ print("RESULT", ok, sorted(set(nodes.NODE_CLASS_MAPPINGS) - before))
 
 def load_in_subprocess(comfyui: Path, fake_version: str = "") -> str:
     out = subprocess.run([sys.executable, "-c", LOAD_SCRIPT, str(comfyui), str(REPO), fake_version],
-                         capture_output=True, text=True, timeout=240, cwd=str(comfyui))
+                         capture_output=True, text=True, timeout=500, cwd=str(comfyui))
     assert out.returncode == 0, out.stdout + out.stderr
     return out.stdout + out.stderr
 
@@ -183,7 +183,9 @@ SYMBOLS: dict[str, tuple[int, tuple[str, ...]] | None] = {
     "comfy.model_base.ModelType.EPS": None,
     "comfy.model_base.ModelType.V_PREDICTION": None,
     # the layers LinFusion replaces and is built like (linfusion/patching.py via nodes/apply.py)
-    "comfy.ldm.modules.attention.CrossAttention.forward": (2, ("context", "value", "mask", "transformer_options")),
+    # transformer_options is forwarded only when the caller (the same ComfyUI's block) passed it:
+    # 0.3.52's CrossAttention.forward has no such parameter, 0.3.75's has.
+    "comfy.ldm.modules.attention.CrossAttention.forward": (2, ("context", "value", "mask")),
     "comfy.ops.disable_weight_init.Linear": None,
     "comfy.ops.disable_weight_init.LayerNorm": None,
 }
