@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 BUDGET_S = 8 * 60
 # part -> its time limit (s); together well under the budget, with start-up costs
-LIMITS = {"tests": 90, "layer": 90, "step": 90, "hybrid": 45, "sdxl": 110}
+LIMITS = {"tests": 70, "layer": 110, "step": 100, "hybrid": 40, "sdxl": 100}
 NO_CUDA = ("gpu_check: needs an NVIDIA GPU with CUDA, and this Python's torch sees none "
            "(torch.cuda.is_available() is False): nothing was run")
 
