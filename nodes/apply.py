@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
+import uuid
 
 import comfy.model_management
 import comfy.utils
-from comfy.patcher_extension import CallbacksMP, WrappersMP
+from comfy.patcher_extension import WrappersMP
 from comfy_api.latest import io
 
 from ..linfusion.attention import LinFusionAttention
@@ -39,28 +40,58 @@ def original_layer(model, path: str):
     return obj
 
 
-def mirror_lora_to_softmax(paths: list[str]):
-    """ON_LOAD callback for hybrid mode: weight patches (LoRA) on `<attn1>.to_q.weight` etc.
-    reach LinFusion's projections, which sit at those keys; this copies them onto the kept
-    softmax layer (`<attn1>.softmax_attn.*`) too, so LoRA affects whichever path runs.
-    ComfyUI backs the mirrored weights up and restores them on unload like any patch."""
-    pairs = [(f"{PREFIX}{p}.{t}", f"{PREFIX}{p}.softmax_attn.{t}") for p in paths for t in ATTN_TENSORS]
+def softmax_key_pairs(paths: list[str]) -> list[tuple[str, str]]:
+    """(attn1 key, kept softmax layer's key) for every LoRA-patchable tensor of the layers at `paths`."""
+    return [(f"{PREFIX}{p}.{t}", f"{PREFIX}{p}.softmax_attn.{t}") for p in paths for t in ATTN_TENSORS]
 
-    def on_load(patcher, device_to, *_args) -> None:
-        for src, dst in pairs:
-            want, have = patcher.patches.get(src), patcher.patches.get(dst)
-            if want is None and have is None:
-                continue
-            same = want is not None and have is not None and len(want) == len(have)
-            if same and all(a is b for a, b in zip(want, have)):
-                continue  # already mirrored and applied by load()
-            if want is None:
-                patcher.patches.pop(dst, None)
-            else:
-                patcher.patches[dst] = list(want)
-                patcher.patch_weight_to_device(dst, device_to=device_to)
 
-    return on_load
+def _mirror(patches: dict, pairs: list[tuple[str, str]]) -> bool:
+    """Make `patches[dst]` the same patch list as `patches[src]` (or absent with it). Returns
+    whether anything changed. Patch entries are compared by identity: clones share them."""
+    changed = False
+    for src, dst in pairs:
+        want, have = patches.get(src), patches.get(dst)
+        if want is None:
+            if have is not None:
+                del patches[dst]
+                changed = True
+        elif have is None or len(have) != len(want) or any(a is not b for a, b in zip(want, have)):
+            patches[dst] = list(want)
+            changed = True
+    return changed
+
+
+def mirror_patches_to_softmax(patcher, paths: list[str]) -> bool:
+    """Hybrid mode: weight patches (LoRA and others) on `<attn1>.to_q.weight` etc. reach
+    LinFusion's projections, which sit at those keys while the model is patched; this registers
+    the same patches on the kept softmax layer's own keys (`<attn1>.softmax_attn.to_q.weight`),
+    in `patcher.patches` and in every hook's patches, so that ComfyUI itself applies them to
+    whichever path runs: on load, per layer in low-VRAM mode, per operation with Dynamic VRAM,
+    with its own backup and bit-identical restore. Nothing here writes a weight.
+
+    Called when the node runs (LoRAs loaded before it) and at the start of every sampling run
+    of the model actually sampled (LoRAs or hooks added after it, clones ComfyUI made). When
+    something changed, `patches_uuid` is renewed as `add_patches` does, so a copy already
+    loaded with the old patches is re-patched. Returns whether anything changed."""
+    pairs = softmax_key_pairs(paths)
+    changed = _mirror(patcher.patches, pairs)
+    for hook_patches in getattr(patcher, "hook_patches", {}).values():
+        changed |= _mirror(hook_patches, pairs)
+    if changed:
+        patcher.patches_uuid = uuid.uuid4()
+    return changed
+
+
+def bind_softmax_layers(patcher, paths: list[str]) -> None:
+    """Point each replacement's kept softmax layer at the original attention module of the model
+    `patcher` wraps, which may be another copy than the one the node saw (ComfyUI can re-create
+    the model, e.g. a deep copy per GPU)."""
+    for path in paths:
+        layer = patcher.object_patches.get(PREFIX + path)
+        if isinstance(layer, LinFusionAttention) and layer.softmax_attn is not None:
+            orig = original_layer(patcher, path)
+            if layer.softmax_attn is not orig:
+                layer.softmax_attn = orig
 
 
 def linfusion_memory_required(base_model, input_shape, softmax_max_tokens: int = 0) -> float:
@@ -70,19 +101,35 @@ def linfusion_memory_required(base_model, input_shape, softmax_max_tokens: int =
                            softmax_max_tokens)
 
 
-def linear_memory_estimate(softmax_max_tokens: int):
-    """OUTER_SAMPLE wrapper: while this model samples, ComfyUI's memory planning (load and
-    offload decisions, cond/uncond batching) uses the linear estimate above instead of the
-    softmax one. The shared base model gets its own method back afterwards, also on errors."""
+def sampling_wrapper(paths: list[str], softmax_max_tokens: int):
+    """OUTER_SAMPLE wrapper, run before ComfyUI loads the model for sampling.
+
+    Hybrid mode: binds the kept softmax layers to the sampled model and mirrors its weight
+    patches onto them (see `mirror_patches_to_softmax`). Memory: while this model samples,
+    ComfyUI's memory planning (load and offload decisions, cond/uncond batching) uses the
+    linear estimate above instead of the softmax one; the shared base model gets its own
+    method back afterwards, also on errors."""
 
     def wrapper(executor, *args, **kwargs):
-        base = executor.class_obj.model_patcher.model
-        base.memory_required = lambda input_shape, cond_shapes=None: linfusion_memory_required(
-            base, input_shape, softmax_max_tokens)
+        patcher = executor.class_obj.model_patcher
+        if softmax_max_tokens > 0:
+            bind_softmax_layers(patcher, paths)
+            mirror_patches_to_softmax(patcher, paths)
+        base = patcher.model
+
+        # Newer ComfyUI memory helpers pass more arguments (cond_shapes, keywords): accept any.
+        def memory_required(input_shape, *_args, **_kwargs):
+            return linfusion_memory_required(base, input_shape, softmax_max_tokens)
+
+        before = vars(base).get("memory_required")  # another LinFusion wrapper's, when applied twice
+        base.memory_required = memory_required
         try:
             return executor(*args, **kwargs)
         finally:
-            del base.memory_required
+            if before is None:
+                del base.memory_required
+            else:
+                base.memory_required = before
 
     return wrapper
 
@@ -117,8 +164,8 @@ def apply_linfusion(model, weights_choice: str, softmax_max_tokens: int = 0):
     for path_, layer in layers.items():
         m.add_object_patch(PREFIX + path_, layer)
     if softmax_max_tokens > 0:
-        m.add_callback(CallbacksMP.ON_LOAD, mirror_lora_to_softmax(list(layers)))
-    m.add_wrapper(WrappersMP.OUTER_SAMPLE, linear_memory_estimate(softmax_max_tokens))
+        mirror_patches_to_softmax(m, list(layers))
+    m.add_wrapper(WrappersMP.OUTER_SAMPLE, sampling_wrapper(list(layers), softmax_max_tokens))
     summary = (f"LinFusion: {len(layers)} self-attention layers of {fam.label if fam else 'the model'} replaced "
                f"with {path}" + (f"; softmax kept at <= {softmax_max_tokens} tokens" if softmax_max_tokens else ""))
     log.info(summary)

@@ -37,6 +37,16 @@ class LaunchError(RuntimeError):
     """ComfyUI could not be found or started; the message carries its log tail."""
 
 
+def offline_flag(comfyui: Path) -> str:
+    """The flag that keeps this ComfyUI off the network: `--offline` where it has one (newer
+    releases; `--disable-api-nodes` is deprecated there), else `--disable-api-nodes` (0.3.x)."""
+    try:
+        text = (Path(comfyui) / "comfy" / "cli_args.py").read_text(errors="replace")
+    except OSError:
+        text = ""
+    return "--offline" if '"--offline"' in text else "--disable-api-nodes"
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

@@ -27,7 +27,12 @@ import uuid
 from pathlib import Path
 
 from comfy_env import REPO, comfyui_path  # noqa: F401  (re-exported for the tests)
-from comfy_process import PACK_NAME, ComfyUIProcess, LaunchError  # noqa: F401  (PACK_NAME re-exported)
+from comfy_process import (  # noqa: F401  (PACK_NAME re-exported)
+    PACK_NAME,
+    ComfyUIProcess,
+    LaunchError,
+    offline_flag,
+)
 
 # Model folders made in the temp folder and registered through the yaml (first in ComfyUI's list).
 MODEL_FOLDERS = ("checkpoints", "linfusion", "loras", "vae", "clip", "embeddings", "upscale_models", "controlnet")
@@ -77,7 +82,7 @@ class ComfyServer(ComfyUIProcess):
             comfyui, python or sys.executable, workdir=self.root, extra_model_paths=[self.yaml_path], cpu=True,
             start_timeout=start_timeout,
             env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HOME": str(self.dirs["hf"]), **(env or {})},
-            args=["--disable-api-nodes",
+            args=[offline_flag(comfyui or comfyui_path()),
                   "--output-directory", str(self.dirs["out"]), "--input-directory", str(self.dirs["in"]),
                   "--temp-directory", str(self.dirs["tmp"]), "--user-directory", str(self.dirs["user"]),
                   "--database-url", f"sqlite:///{self.dirs['user'] / 'comfyui.db'}"])

@@ -22,7 +22,9 @@ sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "scripts"))
 import comfy_env  # noqa: E402
 
-COMFYUI = comfy_env.setup(cpu=True)  # before comfy.model_management is imported: no CUDA here
+# CPU mode, set before comfy.model_management is imported; LINFUSION_TEST_GPU=1 (scripts/gpu_check.py,
+# for the `cuda` tests only) lets ComfyUI use the GPU.
+COMFYUI = comfy_env.setup(cpu=os.environ.get("LINFUSION_TEST_GPU") != "1")
 import comfy.model_management  # noqa: E402,F401
 import folder_paths  # noqa: E402
 import helpers  # noqa: E402  (tests/helpers.py: model and weight builders)
@@ -75,6 +77,21 @@ def sd15():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# Fixtures that start a server process, a browser, or build full-size stand-in files.
+HEAVY_FIXTURES = {"comfy_server", "model_dirs", "sd15_checkpoint", "wf", "object_info"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark `server` every test that needs a heavy fixture or a browser: the version matrix runs
+    the rest (and the `matrix` tests) on the older ComfyUI (.ci/run). No CUDA: `cuda` tests skip."""
+    cuda = torch.cuda.is_available()
+    for item in items:
+        if HEAVY_FIXTURES & set(getattr(item, "fixturenames", ())) or item.module.__name__ == "test_browser":
+            item.add_marker(pytest.mark.server)
+        if "cuda" in item.keywords and not cuda:
+            item.add_marker(pytest.mark.skip(reason="needs an NVIDIA GPU (scripts/gpu_check.sh)"))
 
 
 # Server fixtures (a real ComfyUI server process with this pack) live in their own module.

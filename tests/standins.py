@@ -329,7 +329,8 @@ class WorkflowServer:
     def __init__(self, root: Path, lf, sdxl: str | None = None) -> None:
         import sys
 
-        from comfy_process import ComfyUIProcess
+        from comfy_env import comfyui_path
+        from comfy_process import ComfyUIProcess, offline_flag
 
         self.root = Path(root)
         self.lf = lf
@@ -353,7 +354,8 @@ class WorkflowServer:
             env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HOME": str(self.dirs["hf"])},
             args=["--output-directory", str(self.dirs["out"]), "--input-directory", str(self.dirs["in"]),
                   "--temp-directory", str(self.dirs["tmp"]), "--user-directory", str(self.dirs["user"]),
-                  "--database-url", f"sqlite:///{self.dirs['user'] / 'comfyui.db'}", "--disable-api-nodes"])
+                  "--database-url", f"sqlite:///{self.dirs['user'] / 'comfyui.db'}",
+                  offline_flag(comfyui_path())])
         self.client = None
 
     @classmethod
