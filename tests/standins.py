@@ -355,6 +355,9 @@ class WorkflowServer:
             args=["--output-directory", str(self.dirs["out"]), "--input-directory", str(self.dirs["in"]),
                   "--temp-directory", str(self.dirs["tmp"]), "--user-directory", str(self.dirs["user"]),
                   "--database-url", f"sqlite:///{self.dirs['user'] / 'comfyui.db'}",
+                  # previews on, as most users have them: samplers grow to show them (the browser
+                  # test checks the layouts leave them room)
+                  "--preview-method", "latent2rgb",
                   offline_flag(comfyui_path())])
         self.client = None
 
