@@ -22,6 +22,7 @@ from ..linfusion.patching import (
     plan_replacements,
 )
 from . import weights_store
+from .schema import CATEGORY, schema
 
 log = logging.getLogger("ComfyUI-LinFusion")
 PREFIX = "diffusion_model."
@@ -175,10 +176,11 @@ def apply_linfusion(model, weights_choice: str, softmax_max_tokens: int = 0):
 class ApplyLinFusion(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="ApplyLinFusion",
             display_name="Apply LinFusion",
-            category="model_patches/LinFusion",
+            category=CATEGORY,
+            search_aliases=["linear attention", "high resolution", "16K", "ultra", "patch model"],
             description=(
                 "Replaces every self-attention layer of an SD1.x, SD2.x or SDXL UNet with LinFusion's linear "
                 "attention, whose cost grows linearly with the number of pixels: high resolutions become "

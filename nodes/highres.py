@@ -50,6 +50,7 @@ from comfy_api.latest import io, ui
 
 from ..linfusion import highres as hr
 from .highres_checks import check_inputs, check_memory, check_target
+from .schema import HIGHRES_CATEGORY, schema
 
 log = logging.getLogger("ComfyUI-LinFusion")
 
@@ -551,7 +552,8 @@ def _grid_image(image: torch.Tensor) -> torch.Tensor:
 
 
 # -- nodes -------------------------------------------------------------------------------------
-CATEGORY = "sampling/LinFusion"
+# What users type when they look for these nodes (ComfyUI releases whose Schema has search aliases).
+SEARCH_ALIASES = ["hires fix", "highres", "upscale", "ultra resolution", "16K", "sdedit", "demofusion"]
 TIP_STEPS = ("Steps of the FULL schedule. Each stage runs steps x its strength: rounded up for demofusion and "
              "super-resolution (SDXL pipelines), down for sdedit (diffusers img2img), at least 1 "
              "(reference, 50 steps: 20/15/10/5 for SD1.x, 16/12/8/4 for SDXL over four stages).")
@@ -594,7 +596,7 @@ def _sampling_inputs() -> list:
     return [
         io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                      tooltip="Noise seed; every stage uses the same seed (as the reference)."),
-        io.Int.Input("steps", default=50, min=1, max=10000, tooltip=TIP_STEPS),
+        io.Int.Input("steps", display_name="steps (full schedule)", default=50, min=1, max=10000, tooltip=TIP_STEPS),
         io.Float.Input("cfg", default=hr.GUIDANCE, min=0.0, max=100.0, step=0.1, round=0.01,
                        tooltip="Classifier-free guidance scale. 7.5: every published LinFusion result (SD1.5 and "
                                "SDXL; the SDXL pipeline's bare default is 5). Lower it if large SDXL images look "
@@ -626,7 +628,8 @@ def _refine_inputs() -> list:
     s1, s2, s3 = hr.COSINE_SCALES
     return [
         io.Combo.Input("method", options=list(METHODS), default="auto", tooltip=TIP_METHOD),
-        io.Float.Input("upscale_strength", default=0.0, min=0.0, max=1.0, step=0.01, tooltip=TIP_STRENGTH),
+        io.Float.Input("upscale_strength", display_name="upscale_strength (0 = reference)", default=0.0, min=0.0,
+                       max=1.0, step=0.01, tooltip=TIP_STRENGTH),
         io.Combo.Input("strength_schedule", options=list(hr.STRENGTH_SCHEDULES), default="auto",
                        tooltip=TIP_SCHEDULE),
         io.Combo.Input("upscale_method", options=list(UPSCALE_METHODS), default="pixel", tooltip=TIP_UPSCALE),
@@ -661,8 +664,10 @@ def _conditioning_inputs() -> list:
     return [
         io.Model.Input("model", tooltip="The model, ideally with Apply LinFusion (linear attention makes large "
                                         "sizes affordable)."),
-        io.Conditioning.Input("positive"),
-        io.Conditioning.Input("negative"),
+        io.Conditioning.Input("positive", tooltip="What the image shows (CLIP Text Encode); every stage uses it, "
+                                                  "ControlNets and other conditioning included."),
+        io.Conditioning.Input("negative", tooltip="What to avoid. For SDXL the reference uses zeros: "
+                                                  "ConditioningZeroOut of the positive."),
     ]
 
 
@@ -731,10 +736,11 @@ def _latent_px(latent: dict) -> tuple[int, int]:
 class LinFusionHighResSampler(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="LinFusionHighResSampler",
+            search_aliases=SEARCH_ALIASES,
             display_name="LinFusion High-Res Sampler",
-            category=CATEGORY,
+            category=HIGHRES_CATEGORY,
             description=(
                 "Upscales a generated latent to a high resolution in x2 stages, re-denoising each stage with the "
                 "model (LinFusion reference pipelines). Defaults follow the model: SD1.x/2.x get progressive "
@@ -767,10 +773,11 @@ class LinFusionHighResSampler(io.ComfyNode):
 class LinFusionHighResSamplerAdvanced(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="LinFusionHighResSamplerAdvanced",
+            search_aliases=SEARCH_ALIASES,
             display_name="LinFusion High-Res Sampler (advanced)",
-            category=CATEGORY,
+            category=HIGHRES_CATEGORY,
             description=(
                 "High-resolution generation from a base latent in x2 stages: progressive SDEdit or DemoFusion-style "
                 "refinement (skip residual, dilated global branch, statistics anchoring), as in the LinFusion "
@@ -802,10 +809,11 @@ class LinFusionHighResSamplerAdvanced(io.ComfyNode):
 class LinFusionSuperResolution(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="LinFusionSuperResolution",
+            search_aliases=["upscale image", "super resolution", "hires", "img2img upscale", "demofusion"],
             display_name="LinFusion Super-Resolution",
-            category=CATEGORY,
+            category=HIGHRES_CATEGORY,
             description=(
                 "Upscales an existing image with the model: 'single' goes straight to the target in one stage "
                 "(the reference super-resolution pipeline: bicubic to the target, encode, refine with dilation "
@@ -817,7 +825,7 @@ class LinFusionSuperResolution(io.ComfyNode):
             inputs=[
                 *_conditioning_inputs(),
                 io.Image.Input("image", tooltip="Any size; rounded to a multiple of 8 px if needed (logged)."),
-                io.Vae.Input("vae"),
+                io.Vae.Input("vae", tooltip="The model's VAE: encodes the image and decodes the result."),
                 *_target_inputs(2.0),
                 io.Combo.Input("stages", options=["single", "progressive"], default="single",
                                tooltip="single: one stage to the target (reference). progressive: x2 stages."),

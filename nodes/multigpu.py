@@ -25,6 +25,7 @@ from comfy_api.latest import io
 
 from ..linfusion import LinFusionAttention
 from ..linfusion.parallel import BandParallelError, band_parallel, split_rows
+from .schema import CATEGORY, schema
 
 log = logging.getLogger(__name__)
 PACK_ROOT = Path(__file__).resolve().parents[1]
@@ -192,10 +193,11 @@ def multigpu_wrapper(devices: list[torch.device], timeout_s: float, config: dict
 class LinFusionMultiGPU(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="LinFusionMultiGPU",
             display_name="LinFusion Multi-GPU",
-            category="model_patches/LinFusion",
+            category=CATEGORY,
+            search_aliases=["multi gpu", "several gpus", "distributed", "patch parallel"],
             description=(
                 "Runs every UNet call of this model split into horizontal bands, one per device, with exactly the "
                 "single-device result: LinFusion layers exchange only their small key/value summaries, convolutions "

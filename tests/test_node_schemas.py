@@ -1,0 +1,64 @@
+"""What a user meets in the node list: one category tree, a tooltip on every input, honest
+widget labels, and search aliases where the running ComfyUI's Schema supports them."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+
+import pytest
+
+PACK_NODES = ["ApplyLinFusion", "LinFusionHighResSampler", "LinFusionHighResSamplerAdvanced",
+              "LinFusionSuperResolution", "LinFusionMultiGPU"]
+
+
+def _schema(node_classes, name):
+    return node_classes[name].define_schema()
+
+
+@pytest.mark.parametrize("name", PACK_NODES)
+def test_every_input_has_a_tooltip_and_the_node_sits_under_linfusion(node_classes, name):
+    s = _schema(node_classes, name)
+    assert s.category == "LinFusion" or s.category.startswith("LinFusion/")
+    missing = [i.id for i in s.inputs if not (i.tooltip or "").strip()]
+    assert missing == []
+
+
+def test_widgets_that_differ_from_ksampler_say_so(node_classes):
+    inputs = {i.id: i for i in _schema(node_classes, "LinFusionHighResSamplerAdvanced").inputs}
+    assert inputs["steps"].display_name == "steps (full schedule)"
+    assert inputs["upscale_strength"].display_name == "upscale_strength (0 = reference)"
+
+
+def test_search_aliases_reach_a_schema_that_has_them(pack, node_classes, monkeypatch):
+    """ComfyUI 0.3.75's Schema has no search_aliases (the pack must still register there);
+    newer ones do, and then "hires", "upscale", "demofusion" and "ultra" find the nodes."""
+    mod = pack.nodes.schema
+    seen = {}
+
+    @dataclasses.dataclass
+    class NewerSchema:
+        node_id: str
+        display_name: str = None
+        category: str = "sd"
+        inputs: list = None
+        outputs: list = None
+        description: str = ""
+        is_experimental: bool = False
+        search_aliases: list = None
+
+        def __post_init__(self):
+            seen[self.node_id] = self.search_aliases or []
+
+    monkeypatch.setattr(mod, "io", types.SimpleNamespace(Schema=NewerSchema))
+    monkeypatch.setattr(mod, "SCHEMA_FIELDS", frozenset(f.name for f in dataclasses.fields(NewerSchema)))
+    for name in PACK_NODES:
+        node_classes[name].define_schema()
+    words = " ".join(a for v in seen.values() for a in v).lower()
+    for word in ("hires", "upscale", "demofusion", "ultra"):
+        assert word in words
+    assert all(seen[n] for n in PACK_NODES)
+    # and the running ComfyUI gets only the fields it knows
+    monkeypatch.undo()
+    if "search_aliases" not in mod.SCHEMA_FIELDS:
+        assert mod.schema(node_id="X", search_aliases=["a"]).node_id == "X"
