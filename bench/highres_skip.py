@@ -41,6 +41,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-warmup", action="store_true", help="skip the warm-up run (slow machines)")
     args = ap.parse_args()
     pack = _setup(args.threads)
     import helpers
@@ -52,17 +53,24 @@ def main() -> None:
     base = torch.randn(1, 4, args.base, args.base, generator=torch.Generator().manual_seed(3)) * 5
     target = (args.base * 16 * 8,) * 2
 
+    evals = []
+    model.model.diffusion_model.register_forward_pre_hook(lambda *_: evals.append(1))
+
     def run(min_weight: float):
         s = H.HighResSettings(seed=7, steps=args.steps, cfg=hr.GUIDANCE, sampler_name="euler", scheduler="normal",
                               method="demofusion", upscale_method="latent", native_size=args.base * 8,
                               dilated_min_weight=min_weight)
         t0 = time.perf_counter()
+        n0 = len(evals)
         with torch.inference_mode():
             out, rep = H.run_stages(model, pos, neg, {"samples": base}, None, target, s)
+        counts[min_weight] = len(evals) - n0
         return out["samples"], time.perf_counter() - t0, rep
 
     ms = model.get_model_object("model_sampling")
-    run(0.0)  # warm-up (allocator, first-call costs)
+    counts = {}
+    if not args.no_warmup:
+        run(0.0)  # warm-up (allocator, first-call costs)
     times = {0.0: [], hr.DILATED_MIN_WEIGHT: []}
     outs = {}
     for _ in range(args.repeats):
@@ -86,7 +94,9 @@ def main() -> None:
     for st, n_skip, n_dil, cmax in per_stage:
         w, h = st.pixel_size
         print(f"| {st.index} | {w}x{h} | {st.steps} | {n_dil} | {n_skip} | {cmax:.4f} |")
-    print(f"\nevery dilated pass: {full:.2f} s; skipping c2 < {hr.DILATED_MIN_WEIGHT}: {skip:.2f} s "
+    print(f"\nUNet evaluations (each a CFG batch): {counts[0.0]} with every dilated pass, "
+          f"{counts[hr.DILATED_MIN_WEIGHT]} skipping c2 < {hr.DILATED_MIN_WEIGHT}")
+    print(f"every dilated pass: {full:.2f} s; skipping c2 < {hr.DILATED_MIN_WEIGHT}: {skip:.2f} s "
           f"(x{full / skip:.3f}, {100 * (1 - skip / full):.1f}% saved)")
     print(f"max abs difference of the final latent: {diff:.4g} (latent max abs {scale:.3g}, "
           f"ratio {diff / scale:.2e})")
