@@ -44,6 +44,7 @@ import torch
 from comfy_api.latest import io
 
 from ..linfusion import highres as hr
+from .lowmem import low_memory_unet
 
 log = logging.getLogger("ComfyUI-LinFusion")
 
@@ -229,7 +230,8 @@ class HighResStageSampler(comfy.samplers.Sampler):
             sampler_function = inner_fn
         ks = comfy.samplers.KSAMPLER(sampler_function, self.inner.extra_options, self.inner.inpaint_options)
         ffs = feed_forward_layers(unet) if self.ff_chunks > 1 else []
-        with hr.chunked_token_forward(ffs, self.ff_chunks):
+        with hr.chunked_token_forward(ffs, self.ff_chunks), \
+                low_memory_unet(unet, extra_args.get("model_options"), self.ff_chunks > 1):
             return ks.sample(model_wrap, sigmas, extra_args, callback, noise, latent_image, denoise_mask, disable_pbar)
 
 
