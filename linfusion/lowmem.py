@@ -134,18 +134,19 @@ def chunkable(block: nn.Module) -> bool:
             and isinstance(ol[2], nn.Dropout) and _same_size_conv(ol[3]))
 
 
-def chunked_resblock_forward(block: nn.Module, band_bytes: int | None = None, min_bytes: int = MIN_CHUNK_BYTES,
+def chunked_resblock_forward(block: nn.Module, band_bytes: int | None = None, min_bytes: int | None = None,
                              affine: Callable = _default_affine) -> Callable:
     """A forward(x, emb) for an LDM ResBlock that equals its own: in_layers and out_layers run
     band by band (chunked_norm_act_conv), the timestep embedding is added in place, and the
     skip connection is added into the output band by band. Peak inside the block: x, the
     in_layers result and the output, instead of up to five full-size tensors. Inputs smaller
-    than `min_bytes`, and training, take the block's own forward."""
+    than `min_bytes` (default MIN_CHUNK_BYTES), and training, take the block's own forward."""
     own = block.forward
     skip = block.skip_connection
 
     def forward(x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        if x.ndim != 4 or x.numel() * x.element_size() < min_bytes or (torch.is_grad_enabled() and x.requires_grad):
+        limit = MIN_CHUNK_BYTES if min_bytes is None else min_bytes
+        if x.ndim != 4 or x.numel() * x.element_size() < limit or (torch.is_grad_enabled() and x.requires_grad):
             return own(x, emb)
         if block.training and block.out_layers[2].p > 0:
             return own(x, emb)
@@ -190,7 +191,7 @@ def top_level_resblocks(unet: nn.Module, levels: int = 2) -> list[nn.Module]:
 
 
 @contextmanager
-def chunked_resblocks(blocks: Iterable[nn.Module], band_bytes: int | None = None, min_bytes: int = MIN_CHUNK_BYTES,
+def chunked_resblocks(blocks: Iterable[nn.Module], band_bytes: int | None = None, min_bytes: int | None = None,
                       affine: Callable = _default_affine) -> Iterator[int]:
     """Give each chunkable block an instance-level chunked forward for the duration of the block
     (yields how many); removed on exit whatever happens, as linfusion.highres.chunked_token_forward."""

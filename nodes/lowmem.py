@@ -30,6 +30,7 @@ log = logging.getLogger("ComfyUI-LinFusion")
 
 WRAPPER_KEY = "linfusion_low_memory"
 RESNET_LEVELS = 2  # the reference's in-place resnets matter only where the maps are biggest
+PARK_DEVICE = "auto"  # see low_memory_unet; tests set a device to exercise parking on a CPU
 
 
 def _affine(norm: torch.nn.Module, x: torch.Tensor):
@@ -66,15 +67,18 @@ def skip_parking_wrapper(parking: lowmem.SkipParking):
 
 @contextmanager
 def low_memory_unet(unet: torch.nn.Module, model_options: dict | None, enabled: bool = True,
-                    park_device: torch.device | str | None = "auto", min_chunk_bytes: int = lowmem.MIN_CHUNK_BYTES):
+                    park_device: torch.device | str | None = "default", min_chunk_bytes: int | None = None):
     """Chunked resnets (two highest levels) and, off-CPU, skip connections parked in CPU memory,
     for the duration of the block. `model_options`: the sampling call's (extra_args'), which
     gets the parking wrapper. park_device "auto": the CPU when the model computes elsewhere,
     else no parking; None: no parking; a device: park there (tests park CPU tensors on the
-    CPU, which copies them). Yields the SkipParking (or None), whose counters say what moved."""
+    CPU, which copies them); "default": the module's PARK_DEVICE. min_chunk_bytes: feature maps
+    below this size run unbanded (default linfusion.lowmem.MIN_CHUNK_BYTES). Yields the SkipParking (or None), whose counters say what moved."""
     if not enabled:
         yield None
         return
+    if park_device == "default":
+        park_device = PARK_DEVICE
     if park_device == "auto":
         compute = comfy.model_management.get_torch_device()
         park_device = None if torch.device(compute).type == "cpu" else torch.device("cpu")
