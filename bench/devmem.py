@@ -297,8 +297,8 @@ def table(pack, kinds, sizes, dtype, extra) -> list[dict]:
     import time
 
     rows = []
-    print(f"| family | image | mode | weights GiB | activations GiB | device peak GiB | host parked GiB | "
-          f"moved GiB/eval | PCIe time (25 GB/s) | tracker s |")
+    print("| family | image | mode | weights GiB | activations GiB | device peak GiB | host parked GiB | "
+          "moved GiB/eval | PCIe time (25 GB/s) | tracker s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     cases = [(k, s, s) for k in kinds for s in sizes] + list(extra)
     for kind, w, h in cases:
@@ -318,7 +318,7 @@ def validate(pack, kind: str, sizes, channels: int, modes) -> list[dict]:
     import torch
 
     rows = []
-    print(f"| layout | image | mode | real peak RSS growth MiB | tracker MiB | tracker / real | real step s |")
+    print("| layout | image | mode | real peak RSS growth MiB | tracker MiB | tracker / real | real step s |")
     print("|---|---|---|---|---|---|---|")
     for px in sizes:
         for mode in modes:

@@ -73,7 +73,8 @@ def low_memory_unet(unet: torch.nn.Module, model_options: dict | None, enabled: 
     gets the parking wrapper. park_device "auto": the CPU when the model computes elsewhere,
     else no parking; None: no parking; a device: park there (tests park CPU tensors on the
     CPU, which copies them); "default": the module's PARK_DEVICE. min_chunk_bytes: feature maps
-    below this size run unbanded (default linfusion.lowmem.MIN_CHUNK_BYTES). Yields the SkipParking (or None), whose counters say what moved."""
+    below this size run unbanded (default linfusion.lowmem.MIN_CHUNK_BYTES). Yields the
+    SkipParking (or None), whose counters say what moved."""
     if not enabled:
         yield None
         return
