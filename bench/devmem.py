@@ -93,6 +93,8 @@ class LiveBytes:
         self.live = self.peak = self.host = self.host_peak = 0
         self._storages: dict[int, list] = {}  # storage key -> [bytes, live tensors, is host]
         self._seen: set[int] = set()  # ids of live tracked tensors (a finalizer removes each)
+        self.where: list[str] = []  # module path now running (watch()), and at the peak:
+        self.peak_where = ""
 
     def _see(self, out) -> None:
         import torch
@@ -131,7 +133,9 @@ class LiveBytes:
             self.host_peak = max(self.host_peak, self.host)
         else:
             self.live += n
-            self.peak = max(self.peak, self.live)
+            if self.live > self.peak:
+                self.peak = self.live
+                self.peak_where = self.where[-1] if self.where else ""
 
     def _release(self, key: int, tid: int) -> None:
         self._seen.discard(tid)
@@ -142,6 +146,14 @@ class LiveBytes:
         if entry[1] == 0:
             del self._storages[key]
             self._add(-entry[0], entry[2])
+
+    def watch(self, root) -> list:
+        """Follow which submodule of `root` runs (forward hooks), so `peak_where` names the peak's place."""
+        handles = []
+        for name, m in root.named_modules():
+            handles.append(m.register_forward_pre_hook(lambda _m, _a, n=name: self.where.append(n)))
+            handles.append(m.register_forward_hook(lambda *_: self.where.pop() and None))
+        return handles
 
     def reset_peak(self) -> None:
         self.peak, self.host_peak = self.live, self.host
@@ -249,6 +261,7 @@ def tracked_step(pack, kind: str, w_px: int, h_px: int, mode: str, dtype, channe
         weights = sum(p.numel() * p.element_size() for p in unet.parameters())
         low = mode == "low"
         tracker = LiveBytes("meta")
+        hooks = tracker.watch(unet)
         with tracker, torch.no_grad(), fused_cross_attention():
             x, t, ctx, y = step_inputs(kind, 1 if low else 2, w_px, h_px, dtype, "meta")
             before = tracker.live
@@ -260,12 +273,14 @@ def tracked_step(pack, kind: str, w_px: int, h_px: int, mode: str, dtype, channe
                 out = unet(x, t, ctx, y, transformer_options=opts)
                 del out
             moved = parking.bytes_moved if parking is not None else 0
+        for h in hooks:
+            h.remove()
     finally:
         core.CHUNK_ELEMENTS.clear()
         core.CHUNK_ELEMENTS.update(saved)
     return {"kind": kind, "w": w_px, "h": h_px, "mode": mode, "weights": weights, "inputs": before,
             "activation_peak": tracker.peak - before, "device_peak": weights + tracker.peak,
-            "host_peak": tracker.host_peak, "bytes_moved": moved}
+            "host_peak": tracker.host_peak, "bytes_moved": moved, "peak_where": tracker.peak_where}
 
 
 def real_step(pack, kind: str, px: int, mode: str, channels: int) -> dict:
@@ -287,6 +302,42 @@ def real_step(pack, kind: str, px: int, mode: str, channels: int) -> dict:
         unet(x[..., :16, :16], t, ctx, y, transformer_options=opts)  # warm-up: lazy inits
         seconds, peak = measure_once(lambda: unet(x, t, ctx, y, transformer_options=opts), torch.device("cpu"))
     return {"seconds": seconds, "rss_growth": peak}
+
+
+def time_overhead(pack, kind: str, sizes, channels: int, rounds: int = 2) -> list[dict]:
+    """CPU wall time of one sampler step (cond + uncond): normal = one batch-2 UNet call; low_memory =
+    two batch-1 calls under the low-memory context (no parking: on a CPU host is the device).
+    Alternating rounds in one process, best of each; ratio low / normal."""
+    import time
+
+    import torch
+
+    torch.manual_seed(0)
+    unet = build_unet(pack, kind, channels, torch.float32, meta=False)
+    rows = []
+    print("| layout | image | normal s | low_memory s | ratio |")
+    print("|---|---|---|---|---|")
+    for px in sizes:
+        x, t, ctx, y = step_inputs(kind, 2, px, px, torch.float32, "cpu")
+        x.normal_()
+        ctx.normal_()
+        best = {"normal": float("inf"), "low": float("inf")}
+        with torch.no_grad():
+            for _ in range(rounds):
+                t0 = time.perf_counter()
+                unet(x, t, ctx, y)
+                best["normal"] = min(best["normal"], time.perf_counter() - t0)
+                with low_memory_context(pack, unet, None, park=False) as (opts, _):
+                    t0 = time.perf_counter()
+                    for i in range(2):
+                        unet(x[i:i + 1], t[i:i + 1], ctx[i:i + 1], None if y is None else y[i:i + 1],
+                             transformer_options=opts)
+                    best["low"] = min(best["low"], time.perf_counter() - t0)
+        ratio = best["low"] / best["normal"]
+        rows.append({"px": px, **best, "ratio": ratio})
+        print(f"| {kind} ch{channels} | {px} px | {best['normal']:.1f} | {best['low']:.1f} | {ratio:.2f} |",
+              flush=True)
+    return rows
 
 
 def gib(n: float) -> str:
@@ -349,6 +400,7 @@ def main() -> None:
     ap.add_argument("--validate", action="store_true", help="tracker vs real CPU runs instead of the table")
     ap.add_argument("--channels", type=int, default=64, help="model_channels of the validation layout")
     ap.add_argument("--modes", nargs="+", default=["normal", "low"])
+    ap.add_argument("--time", action="store_true", help="CPU time of low_memory vs normal (one step, in-process)")
     ap.add_argument("--json", type=Path, help="write the rows here")
     ap.add_argument("--real", nargs=4, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -360,7 +412,10 @@ def main() -> None:
         torch.set_num_threads(2)
         print(json.dumps(real_step(pack, kind, int(px), mode, int(ch))))
         return
-    if a.validate:
+    if a.time:
+        torch.set_num_threads(2)
+        rows = time_overhead(pack, a.kinds[0], a.px, a.channels)
+    elif a.validate:
         rows = validate(pack, a.kinds[0], a.px, a.channels, a.modes)
     else:
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[a.dtype]

@@ -210,6 +210,67 @@ def chunked_resblocks(blocks: Iterable[nn.Module], band_bytes: int | None = None
                 m.forward = own
 
 
+# Tokens per chunk of LinFusion's projections (low-memory forward below): 2^16 tokens of a
+# 1280-wide layer in fp16 is 160 MB per temporary.
+PROJECTION_CHUNK_TOKENS = 1 << 16
+
+
+def token_chunked_linfusion_forward(layer: nn.Module, chunk_tokens: int | None = None) -> Callable:
+    """A forward(x, ...) for a LinFusionAttention that equals its own but builds q, k, v by chunks of
+    tokens into preallocated tensors (the projections' hidden temporaries then exist for one
+    chunk, not the whole image), and writes to_out's result into q's storage, which the core
+    no longer needs. Peak: x, q, k, v and the core's output, instead of those plus two
+    full-size temporaries of the to_q_/to_k_ branches. Other cases (context/value tokens,
+    hybrid softmax, masks, autograd, small inputs) take the layer's own forward."""
+    from .attention import linear_attention
+
+    own = layer.forward
+
+    def forward(x: torch.Tensor, context=None, value=None, mask=None, transformer_options=None, **kw):
+        step = chunk_tokens or PROJECTION_CHUNK_TOKENS
+        b, n, d = x.shape if x.ndim == 3 else (0, 0, 0)
+        if (context is not None or value is not None or mask is not None or x.ndim != 3 or n <= step
+                or layer.uses_softmax(n) or (torch.is_grad_enabled() and x.requires_grad)):
+            return own(x, context=context, value=value, mask=mask, transformer_options=transformer_options, **kw)
+        q, k, v = (torch.empty(b, n, d, dtype=x.dtype, device=x.device) for _ in range(3))
+        for s in range(0, n, step):
+            xc = x[:, s:s + step]
+            q[:, s:s + step] = layer.to_q(xc + layer.to_q_(xc))
+            k[:, s:s + step] = layer.to_k(xc + layer.to_k_(xc))
+            v[:, s:s + step] = layer.to_v(xc)
+        h = layer.heads
+        out = torch.empty(b, n, h, d // h, dtype=x.dtype, device=x.device)
+        linear_attention(*(t.view(b, n, h, -1).transpose(1, 2) for t in (q, k, v)), out=out.transpose(1, 2))
+        del k, v
+        out = out.view(b, n, d)
+        for s in range(0, n, step):
+            q[:, s:s + step] = layer.to_out(out[:, s:s + step])
+        return q
+
+    return forward
+
+
+@contextmanager
+def token_chunked_linfusion(unet: nn.Module, chunk_tokens: int | None = None) -> Iterator[int]:
+    """Every LinFusionAttention under `unet` runs token_chunked_linfusion_forward for the duration
+    of the block (yields how many); removed on exit whatever happens."""
+    from .attention import LinFusionAttention
+
+    saved = []
+    try:
+        for m in unet.modules():
+            if isinstance(m, LinFusionAttention):
+                saved.append((m, m.__dict__.get("forward")))
+                m.forward = token_chunked_linfusion_forward(m, chunk_tokens)
+        yield len(saved)
+    finally:
+        for m, own in reversed(saved):
+            if own is None:
+                m.__dict__.pop("forward", None)
+            else:
+                m.forward = own
+
+
 class SkipParking:
     """Keeps an LDM UNet's skip connections in host memory between their input block and the
     output block that uses them. Use as three block patches (ComfyUI's transformer_options

@@ -3,7 +3,8 @@
 
 While it is active:
 * the ResBlocks of the UNet's two highest-resolution levels run GroupNorm -> SiLU -> conv in
-  bands of rows (instance-level forwards, removed on exit whatever happens);
+  bands of rows, and LinFusion layers build q, k, v by chunks of tokens (instance-level
+  forwards, removed on exit whatever happens);
 * when the model computes on another device than the CPU, a DIFFUSION_MODEL wrapper in the
   sampling call's model_options parks the UNet's skip connections in CPU memory (block
   patches added to a copy of each evaluation's transformer_options, so nothing else sees
@@ -87,6 +88,7 @@ def low_memory_unet(unet: torch.nn.Module, model_options: dict | None, enabled: 
     with ExitStack() as stack:
         stack.enter_context(lowmem.chunked_resblocks(lowmem.top_level_resblocks(unet, RESNET_LEVELS),
                                                      min_bytes=min_chunk_bytes, affine=_affine))
+        stack.enter_context(lowmem.token_chunked_linfusion(unet))
         if parking is not None:
             # a new transformer_options with our wrapper replaces the call's for the duration:
             # restoring the old object leaves the options exactly as they were

@@ -85,14 +85,33 @@ def _inputs(kind, hw=(48, 40)):
     return x, t, ctx, y
 
 
-@pytest.mark.parametrize("kind", ["sd15", "sd21", "sdxl"])
-def test_low_memory_unet_equals_plain(lm, LM, kind, monkeypatch):
-    """Small layouts, fp32: parking alone is bit-exact (copies); banded resnets + parking within
-    1e-5 (GroupNorm's normalisation is written out in fp32, see linfusion/lowmem.py). The parking
-    hook runs once per input block, the skips come back once each, bytes moved = 2x the skips;
-    2 banded norm-act-convs per ResBlock of the two highest levels."""
+def linfusion_unet(lf, kind):
+    """A small UNet of `kind` with every attn1 replaced by a LinFusion layer with random weights."""
     unet = helpers.small_model(kind).model.diffusion_model.eval()
+    for spec in helpers.lf_modules(lf, kind, unet):
+        path = lf.diffusers_to_ldm(spec.name)
+        layer = lf.LinFusionAttention(spec.dim, spec.heads, spec.mid_dim)
+        helpers.fill_random(layer, 1)
+        parent, name = path.rsplit(".", 1)
+        setattr(unet.get_submodule(parent), name, layer.eval())
+    return unet
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sd21", "sdxl"])
+def test_low_memory_unet_equals_plain(lf, lm, LM, kind, monkeypatch):
+    """Small layouts with LinFusion, fp32: parking alone is bit-exact (copies); banded resnets,
+    token-chunked LinFusion projections and parking together within 1e-5 (GroupNorm's
+    normalisation is written out in fp32, see linfusion/lowmem.py; row subsets of a matmul may
+    round differently). The parking hook runs once per input block, the skips come back once
+    each, bytes moved = 2x the skips; 2 banded norm-act-convs per ResBlock of the two highest
+    levels; each LinFusion layer projects in ceil(tokens / 64) chunks."""
+    unet = linfusion_unet(lf, kind)
+    layers = [m for m in unet.modules() if isinstance(m, lf.LinFusionAttention)]
     x, t, ctx, y = _inputs(kind)
+    tokens, q_calls = [], []
+    for m in layers:
+        m.register_forward_pre_hook(lambda _m, a: tokens.append(a[0].shape[1]))
+        m.to_q.register_forward_hook(lambda *_: q_calls.append(1))
     skips = []
 
     def record(h, _opts):  # ComfyUI calls it on each input block's output, the tensor it stores as a skip
@@ -101,26 +120,32 @@ def test_low_memory_unet_equals_plain(lm, LM, kind, monkeypatch):
 
     with torch.no_grad():
         ref = unet(x, t, ctx, y, transformer_options={"patches": {"input_block_patch": [record]}})
-    assert len(skips) == len(unet.input_blocks)
+    assert len(skips) == len(unet.input_blocks) and len(tokens) == len(q_calls) == len(layers) > 0
     banded = []
     own = lm.chunked_norm_act_conv
     monkeypatch.setattr(lm, "chunked_norm_act_conv", lambda *a, **k: banded.append(1) or own(*a, **k))
     monkeypatch.setattr(lm, "BAND_BYTES", 1)  # 8-row bands
+    monkeypatch.setattr(lm, "PROJECTION_CHUNK_TOKENS", 64)
     n_blocks = len(lm.top_level_resblocks(unet, 2))
     with torch.no_grad():
         mo = {}
         with LM.low_memory_unet(unet, mo, park_device="cpu", min_chunk_bytes=1 << 40) as park:
             park.min_bytes = 0
+            monkeypatch.setattr(lm, "PROJECTION_CHUNK_TOKENS", 1 << 30)  # parking alone
             parked_only = unet(x, t, ctx, y, transformer_options=mo["transformer_options"])
+            monkeypatch.setattr(lm, "PROJECTION_CHUNK_TOKENS", 64)
         assert torch.equal(parked_only, ref)
         assert park.parked == park.fetched == len(unet.input_blocks) and banded == []
         assert park.bytes_moved == 2 * sum(skips)
+        q_calls.clear()
         mo = {}
         with LM.low_memory_unet(unet, mo, park_device="cpu", min_chunk_bytes=0) as park:
             park.min_bytes = 0
             out = unet(x, t, ctx, y, transformer_options=mo["transformer_options"])
         assert mo == {}
     assert len(banded) == 2 * n_blocks == 20
+    assert len(q_calls) == sum(-(-n // 64) for n in tokens[:len(layers)]) > 2 * len(layers)
+    assert not any("forward" in vars(m) for m in unet.modules())
     assert park.parked == park.fetched == len(unet.input_blocks)
     assert (out - ref).abs().max() <= TOL
 
