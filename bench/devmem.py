@@ -278,7 +278,18 @@ def tracked_step(pack, kind: str, w_px: int, h_px: int, mode: str, dtype, channe
     finally:
         core.CHUNK_ELEMENTS.clear()
         core.CHUNK_ELEMENTS.update(saved)
+    import helpers
+
+    mem = pack.linfusion.memory
+    shape = (1 if low else 2, 4, h_px // 8, w_px // 8)
+    size = torch.tensor([], dtype=dtype).element_size()
+    if low:
+        full_res_attention = helpers.LAYOUTS[kind][1]["transformer_depth"][0] > 0
+        estimate = mem.low_memory_inference_bytes(shape, size, full_res_attention)
+    else:
+        estimate = mem.inference_bytes(shape, size, helpers.LAYOUTS[kind][0].memory_usage_factor)
     return {"kind": kind, "w": w_px, "h": h_px, "mode": mode, "weights": weights, "inputs": before,
+            "estimate": estimate,
             "activation_peak": tracker.peak - before, "device_peak": weights + tracker.peak,
             "host_peak": tracker.host_peak, "bytes_moved": moved, "peak_where": tracker.peak_where}
 
@@ -349,8 +360,8 @@ def table(pack, kinds, sizes, dtype, extra) -> list[dict]:
 
     rows = []
     print("| family | image | mode | weights GiB | activations GiB | device peak GiB | host parked GiB | "
-          "moved GiB/eval | PCIe time (25 GB/s) | tracker s |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "moved GiB/eval | PCIe time (25 GB/s) | estimate / activations | tracker s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     cases = [(k, s, s) for k in kinds for s in sizes] + list(extra)
     for kind, w, h in cases:
         for mode in ("normal", "low"):
@@ -361,7 +372,8 @@ def table(pack, kinds, sizes, dtype, extra) -> list[dict]:
             pcie = r["bytes_moved"] / PCIE_BYTES_PER_S
             print(f"| {kind} | {w}x{h} | {'low_memory' if mode == 'low' else 'normal'} | {gib(r['weights'])} | "
                   f"{gib(r['activation_peak'])} | **{gib(r['device_peak'])}** | {gib(r['host_peak'])} | "
-                  f"{gib(r['bytes_moved'])} | {pcie:.2f} s | {r['tracker_seconds']:.1f} |", flush=True)
+                  f"{gib(r['bytes_moved'])} | {pcie:.2f} s | {r['estimate'] / r['activation_peak']:.2f} | "
+                  f"{r['tracker_seconds']:.1f} |", flush=True)
     return rows
 
 

@@ -36,6 +36,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import comfy.model_management
+import comfy.patcher_extension
 import comfy.sample
 import comfy.samplers
 import comfy.utils
@@ -44,7 +45,7 @@ import torch
 from comfy_api.latest import io
 
 from ..linfusion import highres as hr
-from .lowmem import low_memory_unet
+from .lowmem import low_memory_estimate, low_memory_unet
 
 log = logging.getLogger("ComfyUI-LinFusion")
 
@@ -321,6 +322,8 @@ def run_stages(model, positive, negative, latent: dict | None, vae, target_px: t
         sampling_model = model.clone()
         previous = sampling_model.model_options.get("sampler_calc_cond_batch_function")
         sampling_model.set_model_sampler_calc_cond_batch_function(one_cond_at_a_time(previous))
+        sampling_model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, "linfusion_low_memory",
+                                            low_memory_estimate())
 
     previewer = latent_preview.get_previewer(model.load_device, model.get_model_object("latent_format"))
     pbar = comfy.utils.ProgressBar(total)

@@ -26,6 +26,7 @@ import comfy.patcher_extension
 import torch
 
 from ..linfusion import lowmem
+from ..linfusion.memory import low_memory_inference_bytes
 
 log = logging.getLogger("ComfyUI-LinFusion")
 
@@ -111,3 +112,36 @@ def low_memory_unet(unet: torch.nn.Module, model_options: dict | None, enabled: 
     if parking is not None and parking.parked:
         log.debug("LinFusion low memory: %d skip connections parked, %.1f MB moved", parking.parked,
                   parking.bytes_moved / 1e6)
+
+
+def low_memory_estimate():
+    """OUTER_SAMPLE wrapper for the low-memory sampling clone: while it samples, ComfyUI's memory
+    planning gets the low-memory estimate of one evaluation (linfusion/memory.py) instead of
+    the normal one, so at 16K it neither offloads weights for memory the step never uses nor
+    plans too little. Only for a LinFusion model, i.e. when Apply LinFusion's own wrapper
+    (outside this one: wrappers run in the order they were added) has put its linear estimate
+    on the base model; the previous method is put back afterwards, also on errors."""
+
+    def wrapper(executor, noise, *args, **kwargs):
+        base = executor.class_obj.model_patcher.model
+        previous = vars(base).get("memory_required")
+        if previous is None:  # not a LinFusion model: its own estimate stands
+            return executor(noise, *args, **kwargs)
+        unet = base.diffusion_model
+        full_res_attention = any(lowmem.is_resblock(m) is False and type(m).__name__ == "SpatialTransformer"
+                                 for m in unet.input_blocks[1])
+        dtype = base.manual_cast_dtype or base.get_dtype()
+        size = comfy.model_management.dtype_size(dtype)
+        per_eval = noise.shape[0]  # one cond at a time: an evaluation is the latent batch
+
+        def estimate(input_shape, cond_shapes=None):
+            shape = [min(input_shape[0], per_eval), *input_shape[1:]]
+            return low_memory_inference_bytes(shape, size, full_res_attention)
+
+        base.memory_required = estimate
+        try:
+            return executor(noise, *args, **kwargs)
+        finally:
+            base.memory_required = previous
+
+    return wrapper

@@ -9,6 +9,8 @@ CPU memory); what is checked here is that ours change memory only, not numbers.
 
 from __future__ import annotations
 
+import dataclasses
+
 import comfy.model_management
 import comfy.utils
 import helpers
@@ -248,3 +250,52 @@ def test_parking_steps_aside_for_controlnet_outputs(LM, lm):
     wrapper(executor, 1, None, None, None, {"output": [None]}, {"patches": {"x": [1]}})
     assert seen[-1]["input_block_patch"] == [park.park] and seen[-1]["x"] == [1]
     assert seen[-1]["output_block_patch"][0] == park.fetch
+
+
+def test_low_memory_estimate_while_sampling_and_restored(lf, pack, LM, node_classes, linfusion_dir):
+    """With low_memory on a LinFusion model, ComfyUI's memory planning gets the low-memory
+    estimate of ONE evaluation (a doubled CFG batch is asked for, one cond runs) while the stage
+    samples; Apply LinFusion's estimate is back afterwards, and gone after the call as before.
+    A model without LinFusion keeps its own estimate."""
+    model = helpers.small_model("sd15")
+    unet = model.get_model_object("diffusion_model")
+    mods = helpers.lf_modules(lf, "sd15", unet)
+    helpers.write_official(linfusion_dir / "LinFusion-1-5", lf, mods, helpers.random_state(lf, mods))
+    out = node_classes["ApplyLinFusion"].execute(model, "auto", 0)
+    patched = out.result[0] if hasattr(out, "result") else out[0]
+    H = pack.nodes.highres
+    lf_base = base = model.model
+    big = [2, 4, 2048, 1024]  # what ComfyUI asks at 16384x8192 px: cond + uncond
+    seen = {True: [], False: []}
+    mode = [True]
+
+    def hook(value, total, preview, **_kw):
+        seen[mode[0]].append(base.memory_required(big))
+
+    g = torch.Generator().manual_seed(3)
+    lat = {"samples": torch.randn(1, 4, 8, 8, generator=g) * 5}
+    pos, neg = helpers.conds("sd15")
+    old = comfy.utils.PROGRESS_BAR_HOOK
+    comfy.utils.set_progress_bar_global_hook(hook)
+    try:
+        for low in (True, False):
+            mode[0] = low
+            s = H.HighResSettings(seed=7, steps=10, cfg=5.0, sampler_name="euler", scheduler="normal",
+                                  method="sdedit", upscale_method="latent", low_memory=low)
+            with torch.inference_mode():
+                H.run_stages(patched, pos, neg, lat, None, (128, 128), s)
+            assert "memory_required" not in vars(base)
+        plain = helpers.small_model("sd15")  # no LinFusion: its own estimate, also with low_memory
+        base, mode[0] = plain.model, "plain"
+        seen["plain"] = []
+        with torch.inference_mode():
+            H.run_stages(plain, pos, neg, lat, None, (128, 128), dataclasses.replace(s, low_memory=True))
+    finally:
+        comfy.utils.set_progress_bar_global_hook(old)
+    low_est = lf.memory.low_memory_inference_bytes([1, 4, 2048, 1024], 4, True)
+    normal_est = pack.nodes.apply.linfusion_memory_required(lf_base, big)
+    # the last progress update of a run comes after sampling, when no wrapper is active
+    assert len(seen[True]) == 5 and set(seen[True][:-1]) == {low_est}
+    assert len(seen[False]) == 5 and set(seen[False][:-1]) == {normal_est}
+    assert len(seen["plain"]) == 5 and set(seen["plain"]) == {plain.model.memory_required(big)}
+    assert low_est < normal_est / 4
