@@ -23,14 +23,14 @@ LINEAR_MIB_PER_ELEMENT_BYTE = 0.007
 SOFTMAX_HEADS_MAX = 20  # the most heads any supported family has in one self-attention layer
 
 # low_memory (nodes/lowmem.py: one cond per evaluation, banded resnets, token-chunked
-# projections, skips parked in host memory): MiB per latent element-byte of ONE evaluation.
-# Families differ in where the peak sits: with attention at the full-resolution level
+# projections, skips parked in host memory): bytes of ONE evaluation, fitted to the tracker
+# (fp16). Families differ in where the peak sits: with attention at the full-resolution level
 # (SD1.x/2.x) it is inside that level's LinFusion layer; without (SDXL) it is the
-# concatenation of the upsampled features with their skip. Below BANDED_FROM bytes of a
-# full-resolution feature map (320 channels) the resnets are not banded and small fixed
-# costs weigh more: a second, larger coefficient.
-LOW_MEMORY_MIB_PER_ELEMENT_BYTE = {True: 0.00295, False: 0.00183}  # attention at full resolution?
-LOW_MEMORY_SMALL_MIB_PER_ELEMENT_BYTE = {True: 0.0058, False: 0.0038}
+# concatenation of the upsampled features with their skip. Once the full-resolution feature
+# maps (320 channels) reach BANDED_FROM bytes the resnets run in bands, whose fixed-size
+# scratch is the constant term; below, a plain coefficient.
+#   key: attention at full resolution? -> (MiB fixed, MiB per element-byte banded, unbanded)
+LOW_MEMORY_FIT = {True: (194.0, 0.003052, 0.00625), False: (100.0, 0.001819, 0.00406)}
 FULL_RES_CHANNELS = 320  # model_channels of every supported family
 BANDED_FROM = 32 << 20  # linfusion.lowmem.MIN_CHUNK_BYTES
 
@@ -50,7 +50,8 @@ def low_memory_inference_bytes(input_shape, dtype_size: int, attention_at_full_r
     """Bytes one low-memory UNet evaluation of an input (B, C, H, W) needs (B: the batch of one
     evaluation, i.e. one cond of the latent batch). `attention_at_full_res`: the UNet has
     transformer blocks at the latent's own resolution (SD1.x/2.x yes, SDXL no)."""
-    area = input_shape[0] * math.prod(input_shape[2:])
-    banded = input_shape[0] * math.prod(input_shape[2:]) * FULL_RES_CHANNELS * dtype_size >= BANDED_FROM
-    table = LOW_MEMORY_MIB_PER_ELEMENT_BYTE if banded else LOW_MEMORY_SMALL_MIB_PER_ELEMENT_BYTE
-    return area * dtype_size * table[bool(attention_at_full_res)] * (1 << 20)
+    element_bytes = input_shape[0] * math.prod(input_shape[2:]) * dtype_size
+    fixed, per_banded, per_plain = LOW_MEMORY_FIT[bool(attention_at_full_res)]
+    if element_bytes * FULL_RES_CHANNELS >= BANDED_FROM:
+        return (fixed + element_bytes * per_banded) * (1 << 20)
+    return element_bytes * per_plain * (1 << 20)
