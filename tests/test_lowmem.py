@@ -299,3 +299,22 @@ def test_low_memory_estimate_while_sampling_and_restored(lf, pack, LM, node_clas
     assert len(seen[False]) == 5 and set(seen[False][:-1]) == {normal_est}
     assert len(seen["plain"]) == 5 and set(seen["plain"]) == {plain.model.memory_required(big)}
     assert low_est < normal_est / 4
+
+
+def test_banded_norm_through_comfy_weight_casting(lm, LM):
+    """A GroupNorm of ComfyUI's casting ops (partially loaded / LoRA-patched models keep weights
+    elsewhere or in another dtype): the banded path takes gamma/beta through ComfyUI's cast and
+    still equals the layer itself."""
+    import comfy.ops
+
+    g = torch.Generator().manual_seed(1)
+    norm = comfy.ops.manual_cast.GroupNorm(32, 64)
+    norm.weight = torch.nn.Parameter((1 + 0.1 * torch.randn(64, generator=g)).half(), requires_grad=False)
+    norm.bias = torch.nn.Parameter((0.1 * torch.randn(64, generator=g)).half(), requires_grad=False)
+    norm.weight_function = [lambda w: w * 2]  # as a weight patch would
+    conv = torch.nn.Conv2d(64, 32, 3, padding=1)
+    x = torch.randn(1, 64, 24, 16, generator=g)
+    with torch.no_grad():
+        ref = conv(F.silu(norm(x)))
+        out = lm.chunked_norm_act_conv(norm, conv, x, band_bytes=1, affine=LM._affine)
+    assert (out - ref).abs().max() <= TOL
