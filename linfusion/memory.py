@@ -1,17 +1,38 @@
-"""How much inference memory a LinFusion-patched UNet needs: one number, shared by the
-ComfyUI glue (which hands it to ComfyUI's memory planning) and the benchmarks (which check
-it against measured peaks)."""
+"""How much inference memory a LinFusion-patched UNet needs: the numbers shared by the ComfyUI
+glue (which hands them to ComfyUI's memory planning) and the benchmarks (which check them
+against the device-memory tracker, bench/devmem.py).
+
+Both estimates are activation bytes of one UNet evaluation (ComfyUI counts the weights
+apart), linear in latent area. Calibrated with bench/devmem.py (fp16, 1024-16384 px, the
+full layouts; bench/RESULTS.md, "Device memory"): the normal path's peak is 0.00795 MiB per
+latent element-byte for SD1.x/2.x and 0.0048 for SDXL at every size; with
+`memory_usage_factor` (1.0 and 0.8) one coefficient puts both within 20%.
+"""
 
 from __future__ import annotations
 
+import math
+
 # MiB per latent element (batch x latent height x width) per byte of the compute dtype, times
-# the model's memory-usage factor. Calibrated on the full SD1.5 layout, one UNet step of
-# batch 2 in fp32 (bench/step.py, 2026-11-26): measured 0.0109 at 1024 px; 0.012 keeps the
-# measured peak under the estimate. ComfyUI uses 0.01 for attention backends whose memory is
-# linear in the tokens, and 0.15 MiB per element, whatever the dtype, for the others
-# (sub-quadratic, split), which assume softmax attention's quadratic temporaries.
-LINEAR_MIB_PER_ELEMENT_BYTE = 0.012
+# the model's memory-usage factor: 0.007 gives 0.88x the tracker's peak for SD1.x/2.x and
+# 1.17x for SDXL. (ComfyUI uses 0.01 for attention backends whose memory is linear in the
+# tokens, and 0.15 MiB per element, whatever the dtype, for the others, which assume softmax
+# attention's quadratic temporaries.) The previous value, 0.012, was fitted to fp32 CPU RSS,
+# which carries the CPU's convolution scratch; it read 1.5x high against the device peak.
+LINEAR_MIB_PER_ELEMENT_BYTE = 0.007
 SOFTMAX_HEADS_MAX = 20  # the most heads any supported family has in one self-attention layer
+
+# low_memory (nodes/lowmem.py: one cond per evaluation, banded resnets, token-chunked
+# projections, skips parked in host memory): bytes of ONE evaluation, fitted to the tracker
+# (fp16). Families differ in where the peak sits: with attention at the full-resolution level
+# (SD1.x/2.x) it is inside that level's LinFusion layer; without (SDXL) it is the
+# concatenation of the upsampled features with their skip. Once the full-resolution feature
+# maps (320 channels) reach BANDED_FROM bytes the resnets run in bands, whose fixed-size
+# scratch is the constant term; below, a plain coefficient.
+#   key: attention at full resolution? -> (MiB fixed, MiB per element-byte banded, unbanded)
+LOW_MEMORY_FIT = {True: (194.0, 0.003052, 0.00625), False: (100.0, 0.001819, 0.00406)}
+FULL_RES_CHANNELS = 320  # model_channels of every supported family
+BANDED_FROM = 32 << 20  # linfusion.lowmem.MIN_CHUNK_BYTES
 
 
 def inference_bytes(input_shape, dtype_size: int, usage_factor: float = 1.0, softmax_max_tokens: int = 0) -> float:
@@ -23,3 +44,14 @@ def inference_bytes(input_shape, dtype_size: int, usage_factor: float = 1.0, sof
         area *= s
     linear = area * dtype_size * LINEAR_MIB_PER_ELEMENT_BYTE * usage_factor * (1 << 20)
     return linear + b * SOFTMAX_HEADS_MAX * softmax_max_tokens ** 2 * 4
+
+
+def low_memory_inference_bytes(input_shape, dtype_size: int, attention_at_full_res: bool = True) -> float:
+    """Bytes one low-memory UNet evaluation of an input (B, C, H, W) needs (B: the batch of one
+    evaluation, i.e. one cond of the latent batch). `attention_at_full_res`: the UNet has
+    transformer blocks at the latent's own resolution (SD1.x/2.x yes, SDXL no)."""
+    element_bytes = input_shape[0] * math.prod(input_shape[2:]) * dtype_size
+    fixed, per_banded, per_plain = LOW_MEMORY_FIT[bool(attention_at_full_res)]
+    if element_bytes * FULL_RES_CHANNELS >= BANDED_FROM:
+        return (fixed + element_bytes * per_banded) * (1 << 20)
+    return element_bytes * per_plain * (1 << 20)

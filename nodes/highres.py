@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 import comfy.model_base
 import comfy.model_management
 import comfy.model_sampling
+import comfy.patcher_extension
 import comfy.sample
 import comfy.samplers
 import comfy.utils
@@ -50,6 +51,7 @@ from comfy_api.latest import io, ui
 
 from ..linfusion import highres as hr
 from .highres_checks import check_inputs, check_memory, check_target
+from .lowmem import low_memory_estimate, low_memory_unet
 from .schema import HIGHRES_CATEGORY, schema
 
 log = logging.getLogger("ComfyUI-LinFusion")
@@ -363,7 +365,8 @@ class HighResStageSampler(comfy.samplers.Sampler):
             sampler_function = inner_fn
         ks = comfy.samplers.KSAMPLER(sampler_function, self.inner.extra_options, self.inner.inpaint_options)
         ffs = feed_forward_layers(unet) if self.ff_chunks > 1 else []
-        with hr.chunked_token_forward(ffs, self.ff_chunks):
+        with hr.chunked_token_forward(ffs, self.ff_chunks), \
+                low_memory_unet(unet, extra_args.get("model_options"), self.ff_chunks > 1):
             return ks.sample(model_wrap, sigmas, extra_args, callback, noise, latent_image, denoise_mask, disable_pbar)
 
 
@@ -474,6 +477,8 @@ def run_stages(model, positive, negative, latent: dict | None, vae, target_px: t
         sampling_model = model.clone()
         previous = sampling_model.model_options.get("sampler_calc_cond_batch_function")
         sampling_model.set_model_sampler_calc_cond_batch_function(one_cond_at_a_time(previous))
+        sampling_model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, "linfusion_low_memory",
+                                            low_memory_estimate())
 
     previewer = latent_preview.get_previewer(model.load_device, model.get_model_object("latent_format"))
     pbar = comfy.utils.ProgressBar(total)
@@ -586,8 +591,11 @@ TIP_NATIVE = ("The model's native resolution (long side, px) that the dilated br
 TIP_UPSCALE = ("pixel: decode, bicubic x2, encode between stages (the reference; VAE tiled above vae_tile_size). "
                "latent: bicubic on the latent, no VAE round trip (faster, softer).")
 TIP_LOW_MEM = ("Lower peak memory for very large images (the reference's 16K-in-24GB settings): positive and "
-               "negative are evaluated one after the other instead of as one doubled batch, and the "
-               f"feed-forward layers run on {FF_CHUNKS} chunks of tokens. Same result, somewhat slower.")
+               "negative are evaluated one after the other instead of as one doubled batch, the feed-forward "
+               f"layers run on {FF_CHUNKS} chunks of tokens, LinFusion builds q/k/v in token chunks, the resnets "
+               "of the two largest levels run in bands of rows, and on a GPU the UNet's skip connections wait in "
+               "CPU memory. Same result (up to float rounding), somewhat slower. Projected fp16 peak: SD1.5 "
+               "16384x8192 about 14.4 GiB, SDXL 16384x16384 about 19.9 GiB (bench/RESULTS.md).")
 TIP_TILE = ("Images whose long side exceeds this many pixels are VAE-decoded/encoded in tiles of this size "
             "between stages (the SD1.5 notebook tiles from 4K on with 2048 px tiles). 0 = never tile.")
 

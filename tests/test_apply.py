@@ -250,7 +250,7 @@ def test_memory_estimate_is_linear_while_sampling_and_restored(lf, pack, node_cl
     expected = {px: pack.nodes.apply.linfusion_memory_required(base, s) for px, s in shapes.items()}
     assert seen == expected
     area = 2 * (16384 // 8) ** 2
-    assert expected[16384] == area * 4 * 0.012 * base.memory_usage_factor * 2**20  # fp32 model
+    assert expected[16384] == area * 4 * lf.memory.LINEAR_MIB_PER_ELEMENT_BYTE * base.memory_usage_factor * 2**20
     assert expected[8192] * 4 == expected[16384]  # linear in area
     assert all(seen[px] < plain[px] / 3 for px in shapes)  # CPU baseline: sub-quadratic estimate
     assert "memory_required" not in vars(base)  # restored

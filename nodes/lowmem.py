@@ -1,0 +1,147 @@
+"""ComfyUI glue for the low-memory UNet tricks of linfusion/lowmem.py: one context manager,
+`low_memory_unet`, that the high-res sampler holds around a stage's sampling call.
+
+While it is active:
+* the ResBlocks of the UNet's two highest-resolution levels run GroupNorm -> SiLU -> conv in
+  bands of rows, and LinFusion layers build q, k, v by chunks of tokens (instance-level
+  forwards, removed on exit whatever happens);
+* when the model computes on another device than the CPU, a DIFFUSION_MODEL wrapper in the
+  sampling call's model_options parks the UNet's skip connections in CPU memory (block
+  patches added to a copy of each evaluation's transformer_options, so nothing else sees
+  them); removed on exit.
+
+Skip parking steps aside for an evaluation that carries ControlNet outputs for the output
+blocks: the UNet adds those to each skip before any patch sees it (`apply_control`), and a
+parked skip is on the wrong device for that.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import ExitStack, contextmanager
+
+import comfy.model_management
+import comfy.ops
+import comfy.patcher_extension
+import torch
+
+from ..linfusion import lowmem
+from ..linfusion.memory import low_memory_inference_bytes
+
+log = logging.getLogger("ComfyUI-LinFusion")
+
+WRAPPER_KEY = "linfusion_low_memory"
+RESNET_LEVELS = 2  # the reference's in-place resnets matter only where the maps are biggest
+PARK_DEVICE = "auto"  # see low_memory_unet; tests set a device to exercise parking on a CPU
+
+
+def _affine(norm: torch.nn.Module, x: torch.Tensor):
+    """GroupNorm's (gamma, beta) in fp32 on x's device, through ComfyUI's weight casting when the
+    layer uses it (partially loaded models, LoRA weight functions)."""
+    if getattr(norm, "comfy_cast_weights", False) or getattr(norm, "weight_function", None) or \
+            getattr(norm, "bias_function", None):
+        w, b = comfy.ops.cast_bias_weight(norm, x, dtype=torch.float32)[:2]
+        return w, b
+    return lowmem._default_affine(norm, x)
+
+
+def skip_parking_wrapper(parking: lowmem.SkipParking):
+    """DIFFUSION_MODEL wrapper: runs the UNet with `parking`'s three block patches added to a copy
+    of its transformer_options (ours last among input patches, first among the others, so
+    other patches always see device tensors)."""
+
+    def wrapper(executor, x, timesteps=None, context=None, y=None, control=None, transformer_options=None, **kw):
+        transformer_options = {} if transformer_options is None else transformer_options
+        if control is not None and any(c is not None for c in control.get("output", []) or []):
+            return executor(x, timesteps, context, y, control, transformer_options, **kw)
+        patches = {k: list(v) for k, v in transformer_options.get("patches", {}).items()}
+        patches.setdefault("input_block_patch", []).append(parking.park)
+        patches.setdefault("input_block_patch_after_skip", []).insert(0, parking.resume)
+        patches.setdefault("output_block_patch", []).insert(0, parking.fetch)
+        parking.reset()
+        try:
+            return executor(x, timesteps, context, y, control, {**transformer_options, "patches": patches}, **kw)
+        finally:
+            parking.reset()
+
+    return wrapper
+
+
+@contextmanager
+def low_memory_unet(unet: torch.nn.Module, model_options: dict | None, enabled: bool = True,
+                    park_device: torch.device | str | None = "default", min_chunk_bytes: int | None = None):
+    """Chunked resnets (two highest levels) and, off-CPU, skip connections parked in CPU memory,
+    for the duration of the block. `model_options`: the sampling call's (extra_args'), which
+    gets the parking wrapper. park_device "auto": the CPU when the model computes elsewhere,
+    else no parking; None: no parking; a device: park there (tests park CPU tensors on the
+    CPU, which copies them); "default": the module's PARK_DEVICE. min_chunk_bytes: feature maps
+    below this size run unbanded (default linfusion.lowmem.MIN_CHUNK_BYTES). Yields the
+    SkipParking (or None), whose counters say what moved."""
+    if not enabled:
+        yield None
+        return
+    if park_device == "default":
+        park_device = PARK_DEVICE
+    if park_device == "auto":
+        compute = comfy.model_management.get_torch_device()
+        park_device = None if torch.device(compute).type == "cpu" else torch.device("cpu")
+    parking = lowmem.SkipParking(park_device) if park_device is not None and model_options is not None else None
+    with ExitStack() as stack:
+        stack.enter_context(lowmem.chunked_resblocks(lowmem.top_level_resblocks(unet, RESNET_LEVELS),
+                                                     min_bytes=min_chunk_bytes, affine=_affine))
+        stack.enter_context(lowmem.token_chunked_linfusion(unet))
+        if parking is not None:
+            # a new transformer_options with our wrapper replaces the call's for the duration:
+            # restoring the old object leaves the options exactly as they were
+            had, before = "transformer_options" in model_options, model_options.get("transformer_options")
+            opts = dict(before or {})
+            wrappers = {k: {key: list(fns) for key, fns in v.items()} for k, v in opts.get("wrappers", {}).items()}
+            opts["wrappers"] = wrappers
+            comfy.patcher_extension.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL,
+                                                         WRAPPER_KEY, skip_parking_wrapper(parking), opts)
+            model_options["transformer_options"] = opts
+
+            def restore():
+                if had:
+                    model_options["transformer_options"] = before
+                else:
+                    model_options.pop("transformer_options", None)
+
+            stack.callback(restore)
+        yield parking
+    if parking is not None and parking.parked:
+        log.debug("LinFusion low memory: %d skip connections parked, %.1f MB moved", parking.parked,
+                  parking.bytes_moved / 1e6)
+
+
+def low_memory_estimate():
+    """OUTER_SAMPLE wrapper for the low-memory sampling clone: while it samples, ComfyUI's memory
+    planning gets the low-memory estimate of one evaluation (linfusion/memory.py) instead of
+    the normal one, so at 16K it neither offloads weights for memory the step never uses nor
+    plans too little. Only for a LinFusion model, i.e. when Apply LinFusion's own wrapper
+    (outside this one: wrappers run in the order they were added) has put its linear estimate
+    on the base model; the previous method is put back afterwards, also on errors."""
+
+    def wrapper(executor, noise, *args, **kwargs):
+        base = executor.class_obj.model_patcher.model
+        previous = vars(base).get("memory_required")
+        if previous is None:  # not a LinFusion model: its own estimate stands
+            return executor(noise, *args, **kwargs)
+        unet = base.diffusion_model
+        full_res_attention = any(lowmem.is_resblock(m) is False and type(m).__name__ == "SpatialTransformer"
+                                 for m in unet.input_blocks[1])
+        dtype = base.manual_cast_dtype or base.get_dtype()
+        size = comfy.model_management.dtype_size(dtype)
+        per_eval = noise.shape[0]  # one cond at a time: an evaluation is the latent batch
+
+        def estimate(input_shape, cond_shapes=None):
+            shape = [min(input_shape[0], per_eval), *input_shape[1:]]
+            return low_memory_inference_bytes(shape, size, full_res_attention)
+
+        base.memory_required = estimate
+        try:
+            return executor(noise, *args, **kwargs)
+        finally:
+            base.memory_required = previous
+
+    return wrapper

@@ -1,0 +1,320 @@
+"""Low-memory UNet tricks (linfusion/lowmem.py, nodes/lowmem.py): banded GroupNorm+SiLU+conv
+resnets and skip connections parked off-device give the plain results, and every patch is
+undone, also after an interrupt.
+
+The tricks are the reference's 16K-in-24GB settings (LinFusion src/tools.py and the
+superres_sdxl_low_w_mem notebook: in-place resnet activations, UNet skip connections kept in
+CPU memory); what is checked here is that ours change memory only, not numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import comfy.model_management
+import comfy.utils
+import helpers
+import pytest
+import torch
+import torch.nn.functional as F
+
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def lm(lf):
+    return lf.lowmem
+
+
+@pytest.fixture(scope="module")
+def LM(pack):
+    return pack.nodes.lowmem
+
+
+@pytest.mark.parametrize("dilation", [1, 3])
+def test_banded_norm_act_conv_equals_full(lm, dilation):
+    """conv(silu(group_norm(x))) over bands of 8 rows (halo = the conv's padding) against the
+    unbanded layers; also accumulating into an existing tensor."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 64, 37, 21, generator=g) * 3 + 1.5  # mean far from 0: the centred variance pass matters
+    norm = torch.nn.GroupNorm(32, 64)
+    conv = torch.nn.Conv2d(64, 48, 3, padding=dilation, dilation=dilation)
+    with torch.no_grad():
+        norm.weight.normal_(1, 0.1, generator=g)
+        norm.bias.normal_(0, 0.1, generator=g)
+        ref = conv(F.silu(norm(x)))
+        x_before = x.clone()
+        out = lm.chunked_norm_act_conv(norm, conv, x, band_bytes=1)  # 8-row bands: 5 of them
+        assert torch.equal(x, x_before)  # the input is never changed in place
+        assert out.shape == ref.shape and (out - ref).abs().max() <= TOL
+        base = torch.randn(ref.shape, generator=g)
+        acc = lm.chunked_norm_act_conv(norm, conv, x, band_bytes=1, out=base.clone(), accumulate=True)
+        assert (acc - (base + ref)).abs().max() <= TOL
+        mean, rstd = lm.group_stats(x, 32, norm.eps, rows=8)
+        xs = x.view(2, 32, -1)
+        assert (mean.flatten() - xs.mean(-1).flatten()).abs().max() < 1e-5
+        assert (rstd.flatten() - (xs.var(-1, unbiased=False) + norm.eps).rsqrt().flatten()).abs().max() < 1e-5
+
+
+def test_top_level_resblocks_by_layout(lm):
+    """The two highest levels' ResBlocks: SD1.5/2.1 input blocks 1, 2, 4, 5 and output blocks 6-11;
+    SDXL (no attention at level 0) input 1, 2, 4, 5 and output 3-8."""
+    for kind, want in (("sd15", ["input_blocks.1", "input_blocks.2", "input_blocks.4", "input_blocks.5"]
+                        + [f"output_blocks.{i}" for i in range(6, 12)]),
+                       ("sdxl", ["input_blocks.1", "input_blocks.2", "input_blocks.4", "input_blocks.5"]
+                        + [f"output_blocks.{i}" for i in range(3, 9)])):
+        unet = helpers.base_model(kind, meta=True).diffusion_model
+        names = {id(m): n for n, m in unet.named_modules()}
+        got = [names[id(m)].rsplit(".", 1)[0] for m in lm.top_level_resblocks(unet, 2)]
+        assert got == want, kind
+        assert all(lm.chunkable(m) for m in lm.top_level_resblocks(unet, 2))
+
+
+def _inputs(kind, hw=(48, 40)):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, *hw, generator=g)
+    t = torch.tensor([500.0, 300.0])
+    ctx = torch.randn(2, 77, helpers.CONTEXT[kind], generator=g)
+    y = torch.randn(2, 2816, generator=g) if kind == "sdxl" else None
+    return x, t, ctx, y
+
+
+def linfusion_unet(lf, kind):
+    """A small UNet of `kind` with every attn1 replaced by a LinFusion layer with random weights."""
+    unet = helpers.small_model(kind).model.diffusion_model.eval()
+    for spec in helpers.lf_modules(lf, kind, unet):
+        path = lf.diffusers_to_ldm(spec.name)
+        layer = lf.LinFusionAttention(spec.dim, spec.heads, spec.mid_dim)
+        helpers.fill_random(layer, 1)
+        parent, name = path.rsplit(".", 1)
+        setattr(unet.get_submodule(parent), name, layer.eval())
+    return unet
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sd21", "sdxl"])
+def test_low_memory_unet_equals_plain(lf, lm, LM, kind, monkeypatch):
+    """Small layouts with LinFusion, fp32: parking alone is bit-exact (copies); banded resnets,
+    token-chunked LinFusion projections and parking together within 1e-5 (GroupNorm's
+    normalisation is written out in fp32, see linfusion/lowmem.py; row subsets of a matmul may
+    round differently). The parking hook runs once per input block, the skips come back once
+    each, bytes moved = 2x the skips; 2 banded norm-act-convs per ResBlock of the two highest
+    levels; each LinFusion layer projects in ceil(tokens / 64) chunks."""
+    unet = linfusion_unet(lf, kind)
+    layers = [m for m in unet.modules() if isinstance(m, lf.LinFusionAttention)]
+    x, t, ctx, y = _inputs(kind)
+    tokens, q_calls = [], []
+    for m in layers:
+        m.register_forward_pre_hook(lambda _m, a: tokens.append(a[0].shape[1]))
+        m.to_q.register_forward_hook(lambda *_: q_calls.append(1))
+    skips = []
+
+    def record(h, _opts):  # ComfyUI calls it on each input block's output, the tensor it stores as a skip
+        skips.append(h.numel() * h.element_size())
+        return h
+
+    with torch.no_grad():
+        ref = unet(x, t, ctx, y, transformer_options={"patches": {"input_block_patch": [record]}})
+    assert len(skips) == len(unet.input_blocks) and len(tokens) == len(q_calls) == len(layers) > 0
+    banded = []
+    own = lm.chunked_norm_act_conv
+    monkeypatch.setattr(lm, "chunked_norm_act_conv", lambda *a, **k: banded.append(1) or own(*a, **k))
+    monkeypatch.setattr(lm, "BAND_BYTES", 1)  # 8-row bands
+    monkeypatch.setattr(lm, "PROJECTION_CHUNK_TOKENS", 64)
+    n_blocks = len(lm.top_level_resblocks(unet, 2))
+    with torch.no_grad():
+        mo = {}
+        with LM.low_memory_unet(unet, mo, park_device="cpu", min_chunk_bytes=1 << 40) as park:
+            park.min_bytes = 0
+            monkeypatch.setattr(lm, "PROJECTION_CHUNK_TOKENS", 1 << 30)  # parking alone
+            parked_only = unet(x, t, ctx, y, transformer_options=mo["transformer_options"])
+            monkeypatch.setattr(lm, "PROJECTION_CHUNK_TOKENS", 64)
+        assert torch.equal(parked_only, ref)
+        assert park.parked == park.fetched == len(unet.input_blocks) and banded == []
+        assert park.bytes_moved == 2 * sum(skips)
+        q_calls.clear()
+        mo = {}
+        with LM.low_memory_unet(unet, mo, park_device="cpu", min_chunk_bytes=0) as park:
+            park.min_bytes = 0
+            out = unet(x, t, ctx, y, transformer_options=mo["transformer_options"])
+        assert mo == {}
+    assert len(banded) == 2 * n_blocks == 20
+    assert len(q_calls) == sum(-(-n // 64) for n in tokens[:len(layers)]) > 2 * len(layers)
+    assert not any("forward" in vars(m) for m in unet.modules())
+    assert park.parked == park.fetched == len(unet.input_blocks)
+    assert (out - ref).abs().max() <= TOL
+
+
+def test_parking_hands_host_copies_to_the_skip_list(lm):
+    """What the UNet stores is a separate copy on the park device, allocated through the hook;
+    the computation continues on the original; output blocks get an equal tensor back."""
+    made = []
+    park = lm.SkipParking("cpu", min_bytes=64, allocate=lambda s, d, like: made.append(torch.empty(s, dtype=d))
+                          or made[-1])
+    h = torch.randn(1, 4, 8, 8)
+    small = torch.randn(1, 2, 2, 2)
+    stored = park.park(h)
+    assert stored is made[0] and stored is not h and torch.equal(stored, h)
+    assert park.resume(stored) is h
+    assert park.park(small) is small and park.resume(small) is small  # below min_bytes: stays
+    _, back = park.fetch(h, stored)
+    assert back is not stored and torch.equal(back, h)
+    assert park.fetch(h, small)[1] is small
+    assert (park.parked, park.fetched, park.bytes_moved) == (1, 1, 2 * h.numel() * 4)
+
+
+def _state(model, unet):
+    return {
+        "own_forward": sorted(n for n, m in unet.named_modules() if "forward" in m.__dict__),
+        "model_options": repr(model.model_options),
+    }
+
+
+def test_patches_undone_after_sampling_and_interrupt(pack, LM, lm, monkeypatch):
+    """Through the high-res sampler with low_memory (parking forced on the CPU, tiny bands): the
+    same result as without, the parking hook ran, and nothing stays on the model or in the
+    options, after a normal run, an interrupt from the progress bar, and an exception raised
+    inside a banded resblock."""
+    H = pack.nodes.highres
+    model = helpers.small_model("sd15")
+    unet = model.model.diffusion_model
+    monkeypatch.setattr(LM, "PARK_DEVICE", "cpu")
+    monkeypatch.setattr(lm, "MIN_CHUNK_BYTES", 0)
+    monkeypatch.setattr(lm, "BAND_BYTES", 1)
+    parks = []
+    own_park = lm.SkipParking.park
+    monkeypatch.setattr(lm.SkipParking, "park", lambda self, h, o=None: parks.append(1) or own_park(self, h, o))
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(1, 4, 8, 8, generator=g) * 5
+    pos, neg = helpers.conds("sd15")
+
+    def run(low):
+        s = H.HighResSettings(seed=7, steps=10, cfg=5.0, sampler_name="euler", scheduler="normal",
+                              method="demofusion", upscale_method="latent", low_memory=low)
+        with torch.inference_mode():
+            return H.run_stages(model, pos, neg, {"samples": base}, None, (128, 128), s)[0]["samples"].clone()
+
+    before = _state(model, unet)
+    normal = run(False)
+    low = run(True)
+    assert _state(model, unet) == before
+    assert (low - normal).abs().max() <= 1e-4  # as the cond split's own test: batch 1 vs 2 convs differ slightly
+    # 3 steps at stage 1: local + dilated branch, each cond alone; 12 skips parked per UNet call
+    assert len(parks) > 0 and len(parks) % len(unet.input_blocks) == 0
+
+    def hook(value, total, preview, **_kw):
+        if value == 2:
+            raise comfy.model_management.InterruptProcessingException()
+
+    old = comfy.utils.PROGRESS_BAR_HOOK
+    comfy.utils.set_progress_bar_global_hook(hook)
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            run(True)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(old)
+    assert _state(model, unet) == before
+
+    conv = unet.output_blocks[9][0].out_layers[3]
+    h = conv.register_forward_pre_hook(lambda *_: (_ for _ in ()).throw(
+        comfy.model_management.InterruptProcessingException()))
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            run(True)
+    finally:
+        h.remove()
+    assert _state(model, unet) == before
+    assert torch.equal(run(True), low)  # works as before
+
+
+def test_parking_steps_aside_for_controlnet_outputs(LM, lm):
+    """ControlNet outputs are added to each skip by the UNet before any patch sees it: with
+    such outputs present the wrapper runs the UNet without parking."""
+    park = lm.SkipParking("cpu", min_bytes=0)
+    wrapper = LM.skip_parking_wrapper(park)
+    seen = []
+
+    def executor(x, timesteps, context, y, control, transformer_options, **kw):
+        seen.append(transformer_options.get("patches", {}))
+        return x
+
+    wrapper(executor, 1, None, None, None, {"output": [torch.zeros(1)]}, {"patches": {"x": [1]}})
+    assert seen[-1] == {"x": [1]}
+    wrapper(executor, 1, None, None, None, {"output": [None]}, {"patches": {"x": [1]}})
+    assert seen[-1]["input_block_patch"] == [park.park] and seen[-1]["x"] == [1]
+    assert seen[-1]["output_block_patch"][0] == park.fetch
+
+
+def test_low_memory_estimate_while_sampling_and_restored(lf, pack, LM, node_classes, linfusion_dir):
+    """With low_memory on a LinFusion model, ComfyUI's memory planning gets the low-memory
+    estimate of ONE evaluation (a doubled CFG batch is asked for, one cond runs) while the stage
+    samples; Apply LinFusion's estimate is back afterwards, and gone after the call as before.
+    A model without LinFusion keeps its own estimate."""
+    model = helpers.small_model("sd15")
+    unet = model.get_model_object("diffusion_model")
+    mods = helpers.lf_modules(lf, "sd15", unet)
+    helpers.write_official(linfusion_dir / "LinFusion-1-5", lf, mods, helpers.random_state(lf, mods))
+    out = node_classes["ApplyLinFusion"].execute(model, "auto", 0)
+    patched = out.result[0] if hasattr(out, "result") else out[0]
+    H = pack.nodes.highres
+    lf_base = base = model.model
+    big = [2, 4, 2048, 1024]  # what ComfyUI asks at 16384x8192 px: cond + uncond
+    seen = {True: [], False: []}
+    mode = [True]
+
+    def hook(value, total, preview, **_kw):
+        seen[mode[0]].append(base.memory_required(big))
+
+    g = torch.Generator().manual_seed(3)
+    lat = {"samples": torch.randn(1, 4, 8, 8, generator=g) * 5}
+    pos, neg = helpers.conds("sd15")
+    old = comfy.utils.PROGRESS_BAR_HOOK
+    comfy.utils.set_progress_bar_global_hook(hook)
+    try:
+        for low in (True, False):
+            mode[0] = low
+            s = H.HighResSettings(seed=7, steps=10, cfg=5.0, sampler_name="euler", scheduler="normal",
+                                  method="sdedit", upscale_method="latent", low_memory=low)
+            with torch.inference_mode():
+                H.run_stages(patched, pos, neg, lat, None, (128, 128), s)
+            assert "memory_required" not in vars(base)
+        plain = helpers.small_model("sd15")  # no LinFusion: its own estimate, also with low_memory
+        base, mode[0] = plain.model, "plain"
+        seen["plain"] = []
+        with torch.inference_mode():
+            H.run_stages(plain, pos, neg, lat, None, (128, 128), dataclasses.replace(s, low_memory=True))
+    finally:
+        comfy.utils.set_progress_bar_global_hook(old)
+    low_est = lf.memory.low_memory_inference_bytes([1, 4, 2048, 1024], 4, True)
+    normal_est = pack.nodes.apply.linfusion_memory_required(lf_base, big)
+    # the last progress update of a run comes after sampling, when no wrapper is active
+    assert len(seen[True]) == 5 and set(seen[True][:-1]) == {low_est}
+    assert len(seen[False]) == 5 and set(seen[False][:-1]) == {normal_est}
+    assert len(seen["plain"]) == 5 and set(seen["plain"]) == {plain.model.memory_required(big)}
+    assert low_est < normal_est / 4
+
+
+def test_banded_norm_through_comfy_weight_casting(lm, LM):
+    """A GroupNorm of ComfyUI's casting ops (partially loaded / LoRA-patched models keep weights
+    elsewhere or in another dtype): the banded path takes gamma/beta through ComfyUI's cast and
+    still equals the layer itself."""
+    import comfy.ops
+
+    g = torch.Generator().manual_seed(1)
+    norm = comfy.ops.manual_cast.GroupNorm(32, 64)
+    norm.weight = torch.nn.Parameter((1 + 0.1 * torch.randn(64, generator=g)).half(), requires_grad=False)
+    norm.bias = torch.nn.Parameter((0.1 * torch.randn(64, generator=g)).half(), requires_grad=False)
+    norm.weight_function = [lambda w: w * 2]  # as a weight patch would
+    conv = torch.nn.Conv2d(64, 32, 3, padding=1)
+    x = torch.randn(1, 64, 24, 16, generator=g)
+    with torch.no_grad():
+        ref = conv(F.silu(norm(x)))
+        out = lm.chunked_norm_act_conv(norm, conv, x, band_bytes=1, affine=LM._affine)
+    assert (out - ref).abs().max() <= TOL
