@@ -22,6 +22,7 @@ import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
+from urllib.parse import quote
 
 import comfy.model_management
 import comfy.ops
@@ -189,6 +190,18 @@ SYMBOLS: dict[str, tuple[int, tuple[str, ...]] | None] = {
     "comfy.ldm.modules.attention.CrossAttention.forward": (2, ("context", "value", "mask")),
     "comfy.ops.disable_weight_init.Linear": None,
     "comfy.ops.disable_weight_init.LayerNorm": None,
+    # the reference's stage plan and memory checks (nodes/highres.py, nodes/highres_checks.py)
+    "comfy.samplers.calculate_sigmas": (3, ()),
+    "comfy.model_sampling.CONST": None,
+    "comfy.model_sampling.ModelSamplingDiscrete": None,
+    "comfy.model_management.get_total_memory": (1, ()),
+    # low-memory mode (nodes/lowmem.py) and the multi-GPU node (nodes/multigpu*.py)
+    "comfy.model_management.get_torch_device": (0, ()),
+    "comfy.ops.cast_bias_weight": (2, ("dtype",)),
+    "comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL": None,
+    "comfy.patcher_extension.add_wrapper_with_key": (4, ()),
+    "comfy.model_patcher.ModelPatcher.add_wrapper_with_key": (4, ()),
+    "comfy.ldm.modules.diffusionmodules.openaimodel.UNetModel": None,
 }
 
 
@@ -256,7 +269,7 @@ def test_server_lists_the_workflows_as_templates(comfy_server):
     index = comfy_server.get_json("/api/workflow_templates")
     ours = {k: sorted(v) for k, v in index.items() if k == "ComfyUI-LinFusion"}
     assert ours == {"ComfyUI-LinFusion": WORKFLOW_NAMES} and len(WORKFLOW_NAMES) == 6
-    served = comfy_server.get_json(f"/api/workflow_templates/ComfyUI-LinFusion/{WORKFLOW_NAMES[0]}.json")
+    served = comfy_server.get_json(f"/api/workflow_templates/ComfyUI-LinFusion/{quote(WORKFLOW_NAMES[0])}.json")
     assert served == json.loads((REPO / "workflows" / f"{WORKFLOW_NAMES[0]}.json").read_text())
 
 
