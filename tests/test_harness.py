@@ -49,7 +49,7 @@ def test_apply_linfusion_in_object_info(comfy_server):
     node = info["ApplyLinFusion"]
     assert node["python_module"] == f"custom_nodes.{PACK_NAME}"
     assert node["display_name"] == "Apply LinFusion"
-    assert node["category"].startswith("model_patches")
+    assert node["category"] == "LinFusion"
     assert node["input_order"]["required"] == ["model", "weights", "softmax_max_tokens"]
     req = node["input"]["required"]
     assert [req[k][0] for k in ("model", "weights", "softmax_max_tokens")] == ["MODEL", "COMBO", "INT"]

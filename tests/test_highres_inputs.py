@@ -181,14 +181,15 @@ def test_target_above_ceiling_refused_at_once(node_classes, model, vae, never_sa
 def test_stage_that_cannot_fit_refused_with_numbers(node_classes, model, vae, never_samples, pack, monkeypatch):
     checks = pack.nodes.highres_checks
     # 1024 -> 16384 px, SD1.5 in fp32, cfg 5 (batch 2): the pack's estimate for the 4096 px stage is
-    # 0.012 MiB x 2 x 512^2 x 4 bytes = 26 GB, the 2048 px stage's 6.6 GB
+    # 0.007 MiB x 2 x 512^2 x 4 bytes = 15.4 GB, the 2048 px stage's 3.8 GB
     need = checks.stage_bytes(model, 1, (512, 512), 5.0, low_memory=False, pixel_space=False)["unet"]
-    assert need == pytest.approx(0.012 * 2 * 512 * 512 * 4 * 2**20 * model.model.memory_usage_factor)
-    monkeypatch.setattr(comfy.model_management, "get_total_memory", lambda dev=None, torch_total_too=False: 16e9)
+    coefficient = pack.linfusion.memory.LINEAR_MIB_PER_ELEMENT_BYTE
+    assert need == pytest.approx(coefficient * 2 * 512 * 512 * 4 * 2**20 * model.model.memory_usage_factor)
+    monkeypatch.setattr(comfy.model_management, "get_total_memory", lambda dev=None, torch_total_too=False: 8e9)
     text = refused(node_classes, ADV, adv_kw(model, width=16384, height=16384, latent_image=latent(hw=(128, 128))),
                    f"stage 2 (4096x4096 px, batch 1) needs {need / 1e9:.1f} GB for the model, "
-                   "the device (cpu) has 16.0 GB", "turn on low_memory")
-    assert "stage 1" not in text  # the 2048 px stage (6.6 GB) fits
+                   "the device (cpu) has 8.0 GB", "turn on low_memory")
+    assert "stage 1" not in text  # the 2048 px stage (3.8 GB) fits
     # low memory: the pixel buffers (2 x 16384^2 x 3 x 4 bytes = 6.4 GB) are still checked
     monkeypatch.setattr(comfy.model_management, "get_total_memory", lambda dev=None, torch_total_too=False: 4e9)
     refused(node_classes, SR, sr_kw(model, vae, width=16384, height=16384, low_memory=True),

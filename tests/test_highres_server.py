@@ -57,7 +57,7 @@ def graph(scale_by: float, width: int = 0, height: int = 0) -> dict:
 def test_nodes_offered(server):
     info = server.object_info()
     for node in ("LinFusionHighResSampler", "LinFusionHighResSamplerAdvanced", "LinFusionSuperResolution"):
-        assert node in info and info[node]["category"] == "sampling/LinFusion"
+        assert node in info and info[node]["category"] == "LinFusion/high-res"
     adv = info["LinFusionHighResSamplerAdvanced"]["input"]
     samplers = adv["required"]["sampler_name"][1]["options"]
     assert {"euler", "dpmpp_2m", "dpmpp_2m_sde", "uni_pc"} <= set(samplers)  # ComfyUI's own list
