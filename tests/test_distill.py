@@ -36,13 +36,7 @@ def CLI(pack):
     return importlib.import_module(".nodes.distill_cli", pack.__name__)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small models are dominated by per-op overhead; one thread is faster on shared 2-core machines.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 def comfy_forward(unet, x, t, cond):

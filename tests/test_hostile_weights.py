@@ -32,6 +32,21 @@ def _entry(i: int) -> dict:
 
 
 # -- crafted headers: refused before any per-layer work ----------------------------------------
+def refused(lf, path, match: str) -> None:
+    with pytest.raises(lf.LinFusionWeightsError, match=match):
+        lf.load_weights(path)
+
+
+def python_peak(fn) -> int:
+    """Peak bytes of Python allocations while `fn` runs."""
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
 def _raw_safetensors(path, n_tensors: int, metadata: dict | None = None) -> None:
     """A safetensors file of `n_tensors` one-byte int8 tensors, written directly (save_file
     would take half a minute for 300k tensors)."""
@@ -50,13 +65,7 @@ def test_config_listing_many_layers_is_refused_with_bounded_memory(lf, tmp_path)
     assert len(text) > 4_000_000
     f = tmp_path / "bomb.safetensors"
     _raw_safetensors(f, 1, {"linfusion_config": text})
-    tracemalloc.start()
-    try:
-        with pytest.raises(lf.LinFusionWeightsError, match=r"has a \d+-byte safetensors header"):
-            lf.load_weights(f)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    peak = python_peak(lambda: refused(lf, f, r"has a \d+-byte safetensors header"))
     assert peak < 1 << 20, f"refusing a 4 MB header took {peak / 2**20:.1f} MiB of Python memory"
 
 
@@ -68,13 +77,7 @@ def test_config_json_with_too_many_layers_is_refused_before_expansion(lf, tmp_pa
     (d / "config.json").write_text(json.dumps({"modules_list": [_entry(i) for i in range(5000)]}))
     save_file({"0.to_q.weight": torch.zeros(2, 2)}, str(d / "diffusion_pytorch_model.safetensors"))
     assert lf.weights.MAX_MODULES == 70
-    tracemalloc.start()
-    try:
-        with pytest.raises(lf.LinFusionWeightsError, match=r"lists 5000 layers; no supported UNet has more than 70"):
-            lf.load_weights(d)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    peak = python_peak(lambda: refused(lf, d, r"lists 5000 layers; no supported UNet has more than 70"))
     assert peak < 16 << 20
 
 
