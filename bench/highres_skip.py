@@ -11,28 +11,9 @@ against the largest change the skipped terms could make.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import sys
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _setup(threads: int):
-    sys.path.insert(0, str(REPO / "tests"))
-    sys.path.insert(0, str(REPO / "scripts"))
-    import comfy_env
-
-    comfy_env.setup(cpu=True)
-    import comfy.model_management  # noqa: F401
-    import nodes
-    import torch
-
-    torch.set_num_threads(threads)
-    if not asyncio.run(nodes.load_custom_node(str(REPO))):
-        raise SystemExit("ComfyUI could not load the pack")
-    return sys.modules[str(REPO)]
+from highres_memory import _setup  # ComfyUI on CPU with the pack loaded (bench/ is the script's path)
 
 
 def main() -> None:
