@@ -40,7 +40,7 @@ Nothing here imports ComfyUI; the glue lives in the pack's nodes/highres.py.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -321,14 +321,21 @@ def chunked_token_forward(modules: Iterable[nn.Module], chunks: int, min_tokens:
     weights, which costs more than it saves when activations are small. The modules themselves are not
     replaced (their names, parameters and weight patches stay), only an instance-level
     forward is set, and removed on exit whatever happens."""
-    mods = list(modules)
+    with forwards_replaced(list(modules) if chunks > 1 else [], lambda m: _chunked(m.forward, chunks, min_tokens)):
+        yield
+
+
+@contextmanager
+def forwards_replaced(modules: Iterable[nn.Module], make: Callable[[nn.Module], Callable]) -> Iterator[int]:
+    """Give each module the instance-level forward `make(module)` for the duration of the block
+    (yields how many), then restore exactly what was there (an instance forward or none), also
+    when the block raises. The modules stay in place: names, parameters and weight patches keep."""
     saved = []
     try:
-        if chunks > 1:
-            for m in mods:
-                saved.append((m, m.__dict__.get("forward")))
-                m.forward = _chunked(m.forward, chunks, min_tokens)
-        yield
+        for m in modules:
+            saved.append((m, m.__dict__.get("forward")))
+            m.forward = make(m)
+        yield len(saved)
     finally:
         for m, own in reversed(saved):
             if own is None:

@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .highres import forwards_replaced
+
 # Rows per band: about this many bytes of the band's input. Large enough that each band's
 # convolution is a big kernel launch, small next to a 16K level-0 tensor (1.3 GB in fp16).
 BAND_BYTES = 64 << 20
@@ -195,19 +197,9 @@ def chunked_resblocks(blocks: Iterable[nn.Module], band_bytes: int | None = None
                       affine: Callable = _default_affine) -> Iterator[int]:
     """Give each chunkable block an instance-level chunked forward for the duration of the block
     (yields how many); removed on exit whatever happens, as linfusion.highres.chunked_token_forward."""
-    saved = []
-    try:
-        for m in blocks:
-            if chunkable(m):
-                saved.append((m, m.__dict__.get("forward")))
-                m.forward = chunked_resblock_forward(m, band_bytes, min_bytes, affine)
-        yield len(saved)
-    finally:
-        for m, own in reversed(saved):
-            if own is None:
-                m.__dict__.pop("forward", None)
-            else:
-                m.forward = own
+    with forwards_replaced([m for m in blocks if chunkable(m)],
+                           lambda m: chunked_resblock_forward(m, band_bytes, min_bytes, affine)) as n:
+        yield n
 
 
 # Tokens per chunk of LinFusion's projections (low-memory forward below): 2^16 tokens of a
@@ -256,19 +248,9 @@ def token_chunked_linfusion(unet: nn.Module, chunk_tokens: int | None = None) ->
     of the block (yields how many); removed on exit whatever happens."""
     from .attention import LinFusionAttention
 
-    saved = []
-    try:
-        for m in unet.modules():
-            if isinstance(m, LinFusionAttention):
-                saved.append((m, m.__dict__.get("forward")))
-                m.forward = token_chunked_linfusion_forward(m, chunk_tokens)
-        yield len(saved)
-    finally:
-        for m, own in reversed(saved):
-            if own is None:
-                m.__dict__.pop("forward", None)
-            else:
-                m.forward = own
+    with forwards_replaced([m for m in unet.modules() if isinstance(m, LinFusionAttention)],
+                           lambda m: token_chunked_linfusion_forward(m, chunk_tokens)) as n:
+        yield n
 
 
 class SkipParking:
