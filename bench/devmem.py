@@ -233,7 +233,8 @@ def low_memory_context(pack, unet, tracker: LiveBytes | None, park: bool):
     H, LM = pack.nodes.highres, pack.nodes.lowmem
     model_options: dict = {}
     with ExitStack() as stack:
-        stack.enter_context(pack.linfusion.highres.chunked_token_forward(H.feed_forward_layers(unet), FF_CHUNKS))
+        stack.enter_context(pack.linfusion.highres.chunked_token_forward(
+            H.feed_forward_layers(unet), FF_CHUNKS, max_tokens=pack.linfusion.lowmem.MAX_CHUNK_TOKENS))
         park_dev = torch.device("meta") if park else None
         parking = stack.enter_context(LM.low_memory_unet(unet, model_options, True, park_device=park_dev))
         if parking is not None and tracker is not None:

@@ -137,29 +137,35 @@ def chunkable(block: nn.Module) -> bool:
 
 
 def chunked_resblock_forward(block: nn.Module, band_bytes: int | None = None, min_bytes: int | None = None,
-                             affine: Callable = _default_affine) -> Callable:
+                             affine: Callable = _default_affine, pending: Callable | None = None) -> Callable:
     """A forward(x, emb) for an LDM ResBlock that equals its own: in_layers and out_layers run
     band by band (chunked_norm_act_conv), the timestep embedding is added in place, and the
     skip connection is added into the output band by band. Peak inside the block: x, the
     in_layers result and the output, instead of up to five full-size tensors. Inputs smaller
-    than `min_bytes` (default MIN_CHUNK_BYTES), and training, take the block's own forward."""
+    than `min_bytes` (default MIN_CHUNK_BYTES), and training, take the block's own forward.
+
+    `pending(block)`, when given, may return the parts of a concatenation the UNet did not
+    make (SkipConcat): then x has no channels and the block runs split_input_resblock on the
+    parts (with their precomputed moments)."""
     own = block.forward
     skip = block.skip_connection
 
     def forward(x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        deferred = pending(block) if pending is not None else None
+        if deferred is not None:
+            parts, moments, overwrite = deferred
+            if x.ndim != 4 or x.shape[1] != 0:
+                raise RuntimeError("LinFusion low memory: a deferred skip concatenation reached a block that got "
+                                   f"a {tuple(x.shape)} input; another patch changed the output blocks' input")
+            del deferred
+            return split_input_resblock(block, parts, emb, moments, band_bytes, affine, overwrite)
         limit = MIN_CHUNK_BYTES if min_bytes is None else min_bytes
         if x.ndim != 4 or x.numel() * x.element_size() < limit or (torch.is_grad_enabled() and x.requires_grad):
             return own(x, emb)
         if block.training and block.out_layers[2].p > 0:
             return own(x, emb)
         h = chunked_norm_act_conv(block.in_layers[0], block.in_layers[2], x, band_bytes, affine)
-        if block.emb_layers is not None and not getattr(block, "skip_t_emb", False):
-            e = block.emb_layers(emb).type(h.dtype)
-            if getattr(block, "exchange_temb_dims", False):
-                e = e.movedim(1, 2)
-            while e.ndim < h.ndim:
-                e = e[..., None]
-            h += e  # the block's `h = h + emb_out`, without a second full-size tensor
+        _add_emb(block, h, emb)
         out = chunked_norm_act_conv(block.out_layers[0], block.out_layers[3], h, band_bytes, affine)
         del h
         # the block returns skip(x) + h; fp addition commutes, so out += skip(x) is the same sum
@@ -169,6 +175,189 @@ def chunked_resblock_forward(block: nn.Module, band_bytes: int | None = None, mi
         return out
 
     return forward
+
+
+def channel_moments(x: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-(sample, channel) mean and sum of squared deviations (M2) of x (B, C, H, W) in fp32, each
+    (B, C), over bands of `rows` rows (two passes, centred as group_stats)."""
+    b, c, h, _ = x.shape
+    total = torch.zeros(b, c, dtype=torch.float32, device=x.device)
+    for r in range(0, h, rows):
+        total += x[:, :, r:r + rows].float().sum((2, 3))
+    mean = total / (h * x.shape[3])
+    m2 = torch.zeros(b, c, dtype=torch.float32, device=x.device)
+    for r in range(0, h, rows):
+        band = x[:, :, r:r + rows].to(torch.float32, copy=True)
+        m2 += band.sub_(mean[..., None, None]).square_().sum((2, 3))
+    return mean, m2
+
+
+def group_affine(norm: nn.GroupNorm, mean: torch.Tensor, m2: torch.Tensor, count: int, gamma, beta):
+    """GroupNorm as a per-channel affine map (a, b), each (B, C) fp32, from per-channel means and
+    M2 over `count` elements each: groups combine their channels' moments exactly (the parallel
+    variance formula), so the parts of a concatenation can be measured apart."""
+    b, c = mean.shape
+    g = norm.num_groups
+    cm, c2 = mean.view(b, g, -1), m2.view(b, g, -1)
+    gm = cm.mean(-1, keepdim=True)
+    var = (c2 + count * (cm - gm).square()).sum(-1, keepdim=True) / (count * (c // g))
+    rstd = (var + norm.eps).rsqrt()
+    a = rstd.expand(b, g, c // g).reshape(b, c)
+    shift = (-gm * rstd).expand(b, g, c // g).reshape(b, c)
+    if gamma is not None:
+        a, shift = a * gamma, shift * gamma
+    if beta is not None:
+        shift = shift + beta
+    return a, shift
+
+
+def split_input_resblock(block: nn.Module, parts: list[torch.Tensor], emb: torch.Tensor,
+                         moments: list | None = None, band_bytes: int | None = None,
+                         affine: Callable = _default_affine, overwrite_first: bool = False) -> torch.Tensor:
+    """block(torch.cat(parts, 1), emb) without ever making the concatenation: the decoder side of
+    a UNet concatenates the upsampled map with a skip connection, and at 16K that tensor, held
+    next to both of its parts, is the largest moment of a step. Here each band of rows is
+    gathered from the parts (which may live in host memory: only the band is copied to the
+    device), normalised with GroupNorm's global statistics (per-channel moments of each part,
+    taken from `moments[i]` when given, combined per group), activated and convolved for
+    in_layers, and passed through the skip connection into the output, band by band. Peak: the
+    device parts, the in_layers result and the output. The block must be `chunkable`; the
+    parts must share batch, height and width. The caller should drop its references to the
+    parts before calling, so that they can be freed when this returns.
+
+    overwrite_first: the first part is the caller's to destroy (nothing else will read it):
+    the output is then written into its first channels, row band after row band, instead of
+    a new tensor (the rows a later band still reads as its halo are kept aside first), and
+    the result is a view of that storage. Peak: the parts and the in_layers result."""
+    device = parts[0].device  # the decoder's own map is on the compute device; skips may be parked
+    dtype = parts[0].dtype
+    b, _, h, w = parts[0].shape
+    c = sum(p.shape[1] for p in parts)
+    norm, conv = block.in_layers[0], block.in_layers[2]
+    rows = max(8, (band_bytes or BAND_BYTES) // max(1, b * c * w * parts[0].element_size()))
+    moments = list(moments or [None] * len(parts))
+    stats = [m if m is not None else channel_moments(p, rows) for p, m in zip(parts, moments)]
+    mean = torch.cat([s[0].to(device) for s in stats], 1)
+    m2 = torch.cat([s[1].to(device) for s in stats], 1)
+    ref = torch.empty(0, dtype=dtype, device=device)
+    gamma, beta = affine(norm, ref)
+    a, shift = (t[..., None, None] for t in group_affine(norm, mean, m2, h * w, gamma, beta))
+    pad = conv.padding[0]
+    h_in = out = carry = None
+    first = parts[0]
+    for r0 in range(0, h, rows):
+        r1 = min(h, r0 + rows)
+        lo, hi = max(0, r0 - pad), min(h, r1 + pad)
+        band = torch.cat([p[:, :, lo:hi].to(device, non_blocking=True) for p in parts], 1)
+        if carry is not None:  # rows above r0 of the first part were overwritten by the last band
+            band[:, :carry.shape[1], :r0 - lo] = carry
+        s = block.skip_connection(band[:, :, r0 - lo:r1 - lo])
+        if out is None:
+            if overwrite_first and first.shape[1] >= s.shape[1] and first.dtype == s.dtype:
+                out = first[:, :s.shape[1]]
+            else:
+                out = torch.empty((b, s.shape[1], h, w), dtype=s.dtype, device=device)
+        if pad and out.untyped_storage().data_ptr() == first.untyped_storage().data_ptr():
+            carry = band[:, :s.shape[1], r1 - pad - lo:r1 - lo].clone()
+        out[:, :, r0:r1] = s
+        del s
+        band = band.float().mul_(a).add_(shift)  # band is a new tensor when parts are fp32 (the cat)
+        band = F.silu(band.to(dtype), inplace=True)
+        y = conv(band)[:, :, r0 - lo:r1 - lo]
+        del band
+        if h_in is None:
+            h_in = torch.empty((b, y.shape[1], h, w), dtype=y.dtype, device=device)
+        h_in[:, :, r0:r1] = y
+    del parts[:], first, carry  # the caller's list: the parts can go now, before out_layers
+    _add_emb(block, h_in, emb)
+    return chunked_norm_act_conv(block.out_layers[0], block.out_layers[3], h_in, band_bytes, affine,
+                                 out=out, accumulate=True)
+
+
+def _add_emb(block: nn.Module, h: torch.Tensor, emb: torch.Tensor) -> None:
+    """The block's `h = h + emb_out`, in place (no second full-size tensor)."""
+    if block.emb_layers is not None and not getattr(block, "skip_t_emb", False):
+        e = block.emb_layers(emb).type(h.dtype)
+        if getattr(block, "exchange_temb_dims", False):
+            e = e.movedim(1, 2)
+        while e.ndim < h.ndim:
+            e = e[..., None]
+        h += e
+
+
+def is_upsample(m: nn.Module) -> bool:
+    """An LDM UNet Upsample (nearest x2, then an optional conv)."""
+    return type(m).__name__ == "Upsample" and hasattr(m, "use_conv") and hasattr(m, "dims")
+
+
+def banded_upsample_forward(up: nn.Module, band_bytes: int | None = None, min_bytes: int | None = None) -> Callable:
+    """A forward(x, output_shape=None) for an LDM Upsample with a same-size conv that equals its
+    own: nearest x2 and the conv run over bands of output rows (with the conv's halo), written
+    into one result, so the upsampled map before the conv never exists at full size. Nearest
+    x2 maps output row i to input row i // 2 whatever the band, so the bands read exactly the
+    full upsampling's values. Other cases (3-D, no conv, an output_shape other than 2x, small
+    maps) take the layer's own forward."""
+    own = up.forward
+
+    def forward(x: torch.Tensor, output_shape=None):
+        limit = MIN_CHUNK_BYTES if min_bytes is None else min_bytes
+        h, w = x.shape[-2] * 2, x.shape[-1] * 2
+        if (up.dims != 2 or not up.use_conv or x.ndim != 4 or not _same_size_conv(up.conv)
+                or (output_shape is not None and tuple(output_shape[2:4]) != (h, w))
+                or 4 * x.numel() * x.element_size() < limit):
+            return own(x, output_shape=output_shape)
+        pad = up.conv.padding[0]
+        rows = max(8, (band_bytes or BAND_BYTES) // max(1, x.shape[0] * x.shape[1] * w * x.element_size()))
+        rows += rows % 2
+        out = None
+        for r0 in range(0, h, rows):
+            r1 = min(h, r0 + rows)
+            lo, hi = max(0, r0 - pad), min(h, r1 + pad)
+            s0, s1 = lo // 2, (hi + 1) // 2
+            band = F.interpolate(x[:, :, s0:s1], size=(2 * (s1 - s0), w), mode="nearest")
+            y = up.conv(band[:, :, lo - 2 * s0:hi - 2 * s0])[:, :, r0 - lo:r1 - lo]
+            del band
+            if out is None:
+                out = torch.empty((x.shape[0], y.shape[1], h, w), dtype=y.dtype, device=y.device)
+            out[:, :, r0:r1] = y
+        return out
+
+    return forward
+
+
+def is_norm_act_conv(seq: nn.Module) -> bool:
+    """A Sequential GroupNorm -> SiLU -> same-size conv (an LDM UNet's `out` head)."""
+    return (isinstance(seq, nn.Sequential) and len(seq) == 3 and isinstance(seq[0], nn.GroupNorm)
+            and isinstance(seq[1], nn.SiLU) and _same_size_conv(seq[2]))
+
+
+def banded_sequence_forward(seq: nn.Module, band_bytes: int | None = None, min_bytes: int | None = None,
+                            affine: Callable = _default_affine) -> Callable:
+    """A forward(x) for a GroupNorm -> SiLU -> conv Sequential (is_norm_act_conv) that runs it
+    with chunked_norm_act_conv; small inputs take its own forward."""
+    own = seq.forward
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        limit = MIN_CHUNK_BYTES if min_bytes is None else min_bytes
+        if x.ndim != 4 or x.numel() * x.element_size() < limit or (torch.is_grad_enabled() and x.requires_grad):
+            return own(x)
+        return chunked_norm_act_conv(seq[0], seq[2], x, band_bytes, affine)
+
+    return forward
+
+
+def top_level_upsamples(unet: nn.Module, levels: int = 2) -> list[nn.Module]:
+    """The Upsample layers of an LDM UNet's output blocks whose result lands in one of the
+    `levels` highest resolutions (level counting as top_level_resblocks)."""
+    level = sum(any(type(m).__name__ == "Downsample" for m in blk) for blk in getattr(unet, "input_blocks", []))
+    found = []
+    for block in getattr(unet, "output_blocks", []):
+        for m in block:
+            if is_upsample(m):
+                level -= 1
+                if level < levels:
+                    found.append(m)
+    return found
 
 
 def top_level_resblocks(unet: nn.Module, levels: int = 2) -> list[nn.Module]:
@@ -194,12 +383,78 @@ def top_level_resblocks(unet: nn.Module, levels: int = 2) -> list[nn.Module]:
 
 @contextmanager
 def chunked_resblocks(blocks: Iterable[nn.Module], band_bytes: int | None = None, min_bytes: int | None = None,
-                      affine: Callable = _default_affine) -> Iterator[int]:
+                      affine: Callable = _default_affine, pending: Callable | None = None) -> Iterator[int]:
     """Give each chunkable block an instance-level chunked forward for the duration of the block
     (yields how many); removed on exit whatever happens, as linfusion.highres.chunked_token_forward."""
     with forwards_replaced([m for m in blocks if chunkable(m)],
-                           lambda m: chunked_resblock_forward(m, band_bytes, min_bytes, affine)) as n:
+                           lambda m: chunked_resblock_forward(m, band_bytes, min_bytes, affine, pending)) as n:
         yield n
+
+
+@contextmanager
+def banded_upsamples(layers: Iterable[nn.Module], band_bytes: int | None = None,
+                     min_bytes: int | None = None) -> Iterator[int]:
+    """banded_upsample_forward on each Upsample for the duration of the block (yields how many)."""
+    with forwards_replaced([m for m in layers if is_upsample(m)],
+                           lambda m: banded_upsample_forward(m, band_bytes, min_bytes)) as n:
+        yield n
+
+
+@contextmanager
+def banded_sequences(seqs: Iterable[nn.Module], band_bytes: int | None = None, min_bytes: int | None = None,
+                     affine: Callable = _default_affine) -> Iterator[int]:
+    """banded_sequence_forward on each GroupNorm -> SiLU -> conv Sequential for the duration of
+    the block (yields how many)."""
+    with forwards_replaced([m for m in seqs if is_norm_act_conv(m)],
+                           lambda m: banded_sequence_forward(m, band_bytes, min_bytes, affine)) as n:
+        yield n
+
+
+class SkipConcat:
+    """Leaves out the UNet decoder's `torch.cat([h, skip])` where a banded ResBlock consumes it.
+
+    `patch` is an output_block_patch (it must run last among them): when the first layer of the
+    output block is one of `blocks` (ResBlocks under chunked_resblocks with `pending=take`) and
+    the concatenation would hold at least `min_bytes`, it keeps (h, skip) and hands the UNet two
+    empty (B, 0, H, W) tensors, whose concatenation costs nothing; the block then takes the
+    parts back with `take` and runs split_input_resblock on them. A skip parked in host memory
+    by `parking` stays there (its per-channel moments were measured when it was parked) and is
+    copied to the device one band at a time. With `overwrite` (set when no other patch sees
+    the decoder's maps, so nothing else can hold them) the block writes its output into h's
+    storage. Anything else goes on as usual (through `parking.fetch` when parking is given).
+    Counters: `deferred`."""
+
+    def __init__(self, unet: nn.Module, blocks: Iterable[nn.Module], min_bytes: int | None = None,
+                 parking: "SkipParking | None" = None):
+        self.unet = unet
+        self.blocks = {id(b) for b in blocks}
+        self.min_bytes = min_bytes
+        self.parking = parking
+        self.overwrite = False  # may the blocks write into h (set per call: only when no other patch saw it)
+        self.deferred = 0
+        self._pending: dict[int, tuple[list[torch.Tensor], list, bool]] = {}
+
+    def reset(self) -> None:
+        self._pending.clear()
+
+    def patch(self, h: torch.Tensor, hsp: torch.Tensor, transformer_options=None):
+        where = (transformer_options or {}).get("block", (None, None))
+        first = None
+        if where[0] == "output" and isinstance(where[1], int) and where[1] < len(self.unet.output_blocks):
+            first = self.unet.output_blocks[where[1]][0]
+        limit = MIN_CHUNK_BYTES if self.min_bytes is None else self.min_bytes
+        if (first is None or id(first) not in self.blocks or "forward" not in vars(first) or h.ndim != 4
+                or hsp.shape[0] != h.shape[0] or hsp.shape[2:] != h.shape[2:]
+                or (h.shape[1] + hsp.shape[1]) * h[:, :1].numel() * h.element_size() < limit):
+            return self.parking.fetch(h, hsp, transformer_options) if self.parking is not None else (h, hsp)
+        moments = self.parking.claim(hsp) if self.parking is not None else None
+        self._pending[id(first)] = ([h, hsp], [None, moments], self.overwrite)
+        self.deferred += 1
+        empty = h.new_empty((h.shape[0], 0, *h.shape[2:]))
+        return empty, empty
+
+    def take(self, block: nn.Module):
+        return self._pending.pop(id(block), None)
 
 
 # Tokens per chunk of LinFusion's projections (low-memory forward below): 2^16 tokens of a
@@ -208,13 +463,15 @@ PROJECTION_CHUNK_TOKENS = 1 << 16
 
 
 def token_chunked_linfusion_forward(layer: nn.Module, chunk_tokens: int | None = None) -> Callable:
-    """A forward(x, ...) for a LinFusionAttention that equals its own but builds q, k, v by chunks of
-    tokens into preallocated tensors (the projections' hidden temporaries then exist for one
-    chunk, not the whole image), and writes to_out's result into q's storage, which the core
-    no longer needs. Peak: x, q, k, v and the core's output, instead of those plus two
-    full-size temporaries of the to_q_/to_k_ branches. Other cases (context/value tokens,
-    hybrid softmax, masks, autograd, small inputs) take the layer's own forward."""
-    from .attention import linear_attention
+    """A forward(x, ...) for a LinFusionAttention that equals its own but never holds q or the
+    attention output at full size: k and v are built by chunks of tokens into preallocated
+    tensors, reduced to the key/value summary (dh x (dh+1) per head), and then each chunk of
+    queries is projected, attended to the summary and passed through to_out into k's storage,
+    which the summary no longer needs. Peak: x, k and v (then x and the result), instead of
+    x, q, k, v, the core's output and two full-size temporaries of the to_q_/to_k_ branches.
+    Other cases (context/value tokens, hybrid softmax, masks, autograd, small inputs) take
+    the layer's own forward."""
+    from .attention import apply_summary, kv_summary
 
     own = layer.forward
 
@@ -224,22 +481,39 @@ def token_chunked_linfusion_forward(layer: nn.Module, chunk_tokens: int | None =
         if (context is not None or value is not None or mask is not None or x.ndim != 3 or n <= step
                 or layer.uses_softmax(n) or (torch.is_grad_enabled() and x.requires_grad)):
             return own(x, context=context, value=value, mask=mask, transformer_options=transformer_options, **kw)
-        q, k, v = (torch.empty(b, n, d, dtype=x.dtype, device=x.device) for _ in range(3))
+        k, v = (torch.empty(b, n, d, dtype=x.dtype, device=x.device) for _ in range(2))
         for s in range(0, n, step):
             xc = x[:, s:s + step]
-            q[:, s:s + step] = layer.to_q(xc + layer.to_q_(xc))
             k[:, s:s + step] = layer.to_k(xc + layer.to_k_(xc))
             v[:, s:s + step] = layer.to_v(xc)
         h = layer.heads
-        out = torch.empty(b, n, h, d // h, dtype=x.dtype, device=x.device)
-        linear_attention(*(t.view(b, n, h, -1).transpose(1, 2) for t in (q, k, v)), out=out.transpose(1, 2))
-        del k, v
-        out = out.view(b, n, d)
+        summary = kv_summary(*(t.view(b, n, h, -1).transpose(1, 2) for t in (k, v)))
+        del v
+        out = k  # the result goes where the keys were
+        o = torch.empty(b, min(step, n), h, d // h, dtype=x.dtype, device=x.device)
         for s in range(0, n, step):
-            q[:, s:s + step] = layer.to_out(out[:, s:s + step])
-        return q
+            xc = x[:, s:s + step]
+            m = xc.shape[1]
+            q = layer.to_q(xc + layer.to_q_(xc)).view(b, m, h, -1)
+            apply_summary(q.transpose(1, 2), summary, out=o[:, :m].transpose(1, 2))
+            out[:, s:s + step] = layer.to_out(o[:, :m].reshape(b, m, d))
+        return out
 
     return forward
+
+
+# Token-wise layers in low-memory mode (feed-forward, cross-attention: its queries, output
+# and to_out result; the 77 text tokens are shared) run on at least 16 chunks of tokens (the
+# reference's feed-forward setting) and at most this many tokens per chunk, so their
+# temporaries stay near 100 MB at any resolution (a 16K SDXL level-1 feed-forward's hidden
+# activation would be 1.3 GB per 16th).
+TOKEN_CHUNKS = 16
+MAX_CHUNK_TOKENS = 1 << 14
+
+
+def cross_attention_layers(unet: nn.Module) -> list[nn.Module]:
+    """The transformer blocks' cross-attention modules (`...transformer_blocks.N.attn2`)."""
+    return [m for n, m in unet.named_modules() if n.endswith(".attn2")]
 
 
 @contextmanager
@@ -270,18 +544,21 @@ class SkipParking:
     """
 
     def __init__(self, park_device: torch.device | str, min_bytes: int = 1 << 20,
-                 allocate: Callable | None = None):
+                 allocate: Callable | None = None, moments: bool = False):
         self.park_device = torch.device(park_device)
         self.min_bytes = min_bytes
         self.allocate = allocate or self._allocate
+        self.moments = moments  # measure each parked skip's per-channel moments (for SkipConcat)
         self.parked = self.fetched = self.bytes_moved = 0
         self._kept: torch.Tensor | None = None
         self._waiting: dict[int, torch.Tensor] = {}  # id -> parked copy, until its output block
+        self._moments: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def reset(self) -> None:
         """Forget parked tensors of an evaluation that did not finish (an interrupt mid-UNet)."""
         self._kept = None
         self._waiting.clear()
+        self._moments.clear()
 
     def _allocate(self, shape, dtype, like: torch.Tensor) -> torch.Tensor:
         pin = self.park_device.type == "cpu" and like.device.type == "cuda"
@@ -295,6 +572,8 @@ class SkipParking:
         host.copy_(h, non_blocking=True)
         self._kept = h
         self._waiting[id(host)] = host
+        if self.moments:  # measured here, on the device: a SkipConcat never reads the skip twice
+            self._moments[id(host)] = channel_moments(h, band_rows(h))
         self.parked += 1
         self.bytes_moved += h.numel() * h.element_size()
         return host
@@ -303,7 +582,17 @@ class SkipParking:
         kept, self._kept = self._kept, None
         return h if kept is None else kept
 
+    def claim(self, hsp: torch.Tensor):
+        """Take a parked skip off the waiting list without copying it back (SkipConcat reads it in
+        bands): its per-channel moments when measured, else None; None for a skip not parked."""
+        if self._waiting.pop(id(hsp), None) is None:
+            return None
+        self.fetched += 1
+        self.bytes_moved += hsp.numel() * hsp.element_size()  # it still crosses, one band at a time
+        return self._moments.pop(id(hsp), None)
+
     def fetch(self, h: torch.Tensor, hsp: torch.Tensor, transformer_options=None) -> tuple[torch.Tensor, torch.Tensor]:
+        self._moments.pop(id(hsp), None)
         if self._waiting.pop(id(hsp), None) is None:  # not one of ours (too small to park)
             return h, hsp
         back = torch.empty(hsp.shape, dtype=hsp.dtype, device=h.device)

@@ -5,10 +5,12 @@ While it is active:
 * the ResBlocks of the UNet's two highest-resolution levels run GroupNorm -> SiLU -> conv in
   bands of rows, and LinFusion layers build q, k, v by chunks of tokens (instance-level
   forwards, removed on exit whatever happens);
-* when the model computes on another device than the CPU, a DIFFUSION_MODEL wrapper in the
-  sampling call's model_options parks the UNet's skip connections in CPU memory (block
-  patches added to a copy of each evaluation's transformer_options, so nothing else sees
-  them); removed on exit.
+* the Upsample layers that feed those levels run nearest x2 + conv in bands of rows;
+* a DIFFUSION_MODEL wrapper in the sampling call's model_options adds block patches to a copy
+  of each evaluation's transformer_options (so nothing else sees them), removed on exit:
+  the decoder's skip concatenations at those levels are left to the banded ResBlocks
+  (linfusion.lowmem.SkipConcat), and, when the model computes on another device than the
+  CPU, the UNet's skip connections are parked in CPU memory.
 
 Skip parking steps aside for an evaluation that carries ControlNet outputs for the output
 blocks: the UNet adds those to each skip before any patch sees it (`apply_control`), and a
@@ -26,6 +28,7 @@ import comfy.patcher_extension
 import torch
 
 from ..linfusion import lowmem
+from ..linfusion.highres import chunked_token_forward
 from ..linfusion.memory import low_memory_inference_bytes
 
 log = logging.getLogger("ComfyUI-LinFusion")
@@ -45,24 +48,43 @@ def _affine(norm: torch.nn.Module, x: torch.Tensor):
     return lowmem._default_affine(norm, x)
 
 
-def skip_parking_wrapper(parking: lowmem.SkipParking):
-    """DIFFUSION_MODEL wrapper: runs the UNet with `parking`'s three block patches added to a copy
-    of its transformer_options (ours last among input patches, first among the others, so
-    other patches always see device tensors)."""
+def low_memory_wrapper(parking: lowmem.SkipParking | None, concat: lowmem.SkipConcat | None = None):
+    """DIFFUSION_MODEL wrapper: runs the UNet with block patches added to a copy of its
+    transformer_options: `parking`'s three (ours last among input patches, first among the
+    others, so other patches always see device tensors) and `concat`'s output patch (last, so
+    other patches see the real tensors). When no other output patch is present, the two
+    output patches are one: a parked skip that a banded block consumes then stays in host
+    memory and crosses one band at a time."""
 
     def wrapper(executor, x, timesteps=None, context=None, y=None, control=None, transformer_options=None, **kw):
         transformer_options = {} if transformer_options is None else transformer_options
+        park = parking
         if control is not None and any(c is not None for c in control.get("output", []) or []):
-            return executor(x, timesteps, context, y, control, transformer_options, **kw)
+            park = None  # the UNet adds these to each skip before any patch: a parked skip can't take them
         patches = {k: list(v) for k, v in transformer_options.get("patches", {}).items()}
-        patches.setdefault("input_block_patch", []).append(parking.park)
-        patches.setdefault("input_block_patch_after_skip", []).insert(0, parking.resume)
-        patches.setdefault("output_block_patch", []).insert(0, parking.fetch)
-        parking.reset()
+        outputs = patches.setdefault("output_block_patch", [])
+        alone = not outputs
+        if park is not None:
+            patches.setdefault("input_block_patch", []).append(park.park)
+            patches.setdefault("input_block_patch_after_skip", []).insert(0, park.resume)
+            park.moments = concat is not None and alone
+            if not park.moments:
+                outputs.insert(0, park.fetch)
+        if concat is not None:
+            concat.parking = park if park is not None and alone else None
+            concat.overwrite = alone  # no other output patch can have kept the decoder's map
+            outputs.append(concat.patch)
+        if not outputs:
+            del patches["output_block_patch"]
+        for obj in (park, concat):
+            if obj is not None:
+                obj.reset()
         try:
             return executor(x, timesteps, context, y, control, {**transformer_options, "patches": patches}, **kw)
         finally:
-            parking.reset()
+            for obj in (park, concat):
+                if obj is not None:
+                    obj.reset()
 
     return wrapper
 
@@ -86,11 +108,19 @@ def low_memory_unet(unet: torch.nn.Module, model_options: dict | None, enabled: 
         compute = comfy.model_management.get_torch_device()
         park_device = None if torch.device(compute).type == "cpu" else torch.device("cpu")
     parking = lowmem.SkipParking(park_device) if park_device is not None and model_options is not None else None
+    blocks = lowmem.top_level_resblocks(unet, RESNET_LEVELS)
+    concat = lowmem.SkipConcat(unet, blocks, min_chunk_bytes) if model_options is not None else None
     with ExitStack() as stack:
-        stack.enter_context(lowmem.chunked_resblocks(lowmem.top_level_resblocks(unet, RESNET_LEVELS),
-                                                     min_bytes=min_chunk_bytes, affine=_affine))
+        stack.enter_context(lowmem.chunked_resblocks(blocks, min_bytes=min_chunk_bytes, affine=_affine,
+                                                     pending=None if concat is None else concat.take))
+        stack.enter_context(lowmem.banded_upsamples(lowmem.top_level_upsamples(unet, RESNET_LEVELS),
+                                                    min_bytes=min_chunk_bytes))
+        stack.enter_context(lowmem.banded_sequences([getattr(unet, "out", None)], min_bytes=min_chunk_bytes,
+                                                    affine=_affine))
         stack.enter_context(lowmem.token_chunked_linfusion(unet))
-        if parking is not None:
+        stack.enter_context(chunked_token_forward(lowmem.cross_attention_layers(unet), lowmem.TOKEN_CHUNKS,
+                                                  max_tokens=lowmem.MAX_CHUNK_TOKENS))
+        if model_options is not None:
             # a new transformer_options with our wrapper replaces the call's for the duration:
             # restoring the old object leaves the options exactly as they were
             had, before = "transformer_options" in model_options, model_options.get("transformer_options")
@@ -98,7 +128,7 @@ def low_memory_unet(unet: torch.nn.Module, model_options: dict | None, enabled: 
             wrappers = {k: {key: list(fns) for key, fns in v.items()} for k, v in opts.get("wrappers", {}).items()}
             opts["wrappers"] = wrappers
             comfy.patcher_extension.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL,
-                                                         WRAPPER_KEY, skip_parking_wrapper(parking), opts)
+                                                         WRAPPER_KEY, low_memory_wrapper(parking, concat), opts)
             model_options["transformer_options"] = opts
 
             def restore():

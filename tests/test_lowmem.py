@@ -136,14 +136,29 @@ def test_low_memory_unet_equals_plain(lf, lm, LM, kind, monkeypatch):
         assert park.bytes_moved == 2 * sum(skips)
         q_calls.clear()
         mo = {}
+        deferred, ups = [], []
+        own_split = lm.split_input_resblock
+        monkeypatch.setattr(lm, "split_input_resblock", lambda *a, **k: deferred.append(1) or own_split(*a, **k))
+        own_up = lm.banded_upsample_forward
+        monkeypatch.setattr(lm, "banded_upsample_forward", lambda *a, **k: ups.append(1) or own_up(*a, **k))
         with LM.low_memory_unet(unet, mo, park_device="cpu", min_chunk_bytes=0) as park:
             park.min_bytes = 0
             out = unet(x, t, ctx, y, transformer_options=mo["transformer_options"])
+            counts = (len(banded), len(deferred), len(ups), len(q_calls), park.parked, park.fetched)
+            with pytest.raises(ZeroDivisionError):  # an exception mid-UNet leaves nothing pending
+                unet.output_blocks[-2][0].out_layers[3].register_forward_pre_hook(lambda *_: 1 / 0)
+                unet(x, t, ctx, y, transformer_options=mo["transformer_options"])
+            unet.output_blocks[-2][0].out_layers[3]._forward_pre_hooks.clear()
+        n_ups = sum(1 for m in lm.top_level_upsamples(unet, 2) if lm.is_upsample(m))
         assert mo == {}
-    assert len(banded) == 2 * n_blocks == 20
-    assert len(q_calls) == sum(-(-n // 64) for n in tokens[:len(layers)]) > 2 * len(layers)
+    # the 6 output blocks of the two highest levels take their skip concatenation in bands
+    # (split_input_resblock: in_layers and the skip inside it, out_layers banded as usual);
+    # the UNet's out head (GroupNorm, SiLU, conv) is one more banded norm-act-conv
+    assert counts[:2] == (2 * n_blocks - 6 + 1, 6) == (15, 6)
+    assert counts[2] == n_ups == 2  # output blocks 5 and 8 upsample into levels 1 and 0: banded
+    assert counts[3] == sum(-(-n // 64) for n in tokens[:len(layers)]) > 2 * len(layers)
     assert not any("forward" in vars(m) for m in unet.modules())
-    assert park.parked == park.fetched == len(unet.input_blocks)
+    assert counts[4] == counts[5] == len(unet.input_blocks)
     assert (out - ref).abs().max() <= TOL
 
 
@@ -229,22 +244,35 @@ def test_patches_undone_after_sampling_and_interrupt(pack, LM, lm, monkeypatch):
     assert torch.equal(run(True), low)  # works as before
 
 
-def test_parking_steps_aside_for_controlnet_outputs(LM, lm):
-    """ControlNet outputs are added to each skip by the UNet before any patch sees it: with
-    such outputs present the wrapper runs the UNet without parking."""
+def test_wrapper_patch_order_parking_and_controlnet(LM, lm):
+    """The wrapper's patches per evaluation: ControlNet outputs (added to each skip by the UNet
+    before any patch sees it) turn parking off for that call but keep the skip concatenation
+    deferral; with no other output patch, parking and deferral share one output patch (parked
+    skips stay on the host, their moments measured at parking); with another output patch,
+    skips come back first (fetch), the other patch sees device tensors, deferral runs last."""
     park = lm.SkipParking("cpu", min_bytes=0)
-    wrapper = LM.skip_parking_wrapper(park)
+    concat = lm.SkipConcat(torch.nn.Module(), [])
     seen = []
 
     def executor(x, timesteps, context, y, control, transformer_options, **kw):
         seen.append(transformer_options.get("patches", {}))
         return x
 
+    other = object()
+    wrapper = LM.low_memory_wrapper(park, concat)
     wrapper(executor, 1, None, None, None, {"output": [torch.zeros(1)]}, {"patches": {"x": [1]}})
-    assert seen[-1] == {"x": [1]}
+    assert seen[-1] == {"x": [1], "output_block_patch": [concat.patch]} and concat.parking is None
     wrapper(executor, 1, None, None, None, {"output": [None]}, {"patches": {"x": [1]}})
     assert seen[-1]["input_block_patch"] == [park.park] and seen[-1]["x"] == [1]
-    assert seen[-1]["output_block_patch"][0] == park.fetch
+    assert seen[-1]["input_block_patch_after_skip"] == [park.resume]
+    assert seen[-1]["output_block_patch"] == [concat.patch] and concat.parking is park and park.moments
+    wrapper(executor, 1, None, None, None, None, {"patches": {"output_block_patch": [other]}})
+    assert seen[-1]["output_block_patch"] == [park.fetch, other, concat.patch]
+    assert concat.parking is None and not park.moments
+    LM.low_memory_wrapper(park, None)(executor, 1, None, None, None, None, {})
+    assert seen[-1]["output_block_patch"] == [park.fetch] and not park.moments
+    LM.low_memory_wrapper(None, None)(executor, 1, None, None, None, None, {"patches": {"x": [1]}})
+    assert seen[-1] == {"x": [1]}
 
 
 def test_low_memory_estimate_while_sampling_and_restored(lf, pack, LM, node_classes, linfusion_dir):
@@ -313,3 +341,66 @@ def test_banded_norm_through_comfy_weight_casting(lm, LM):
         ref = conv(F.silu(norm(x)))
         out = lm.chunked_norm_act_conv(norm, conv, x, band_bytes=1, affine=LM._affine)
     assert (out - ref).abs().max() <= TOL
+
+
+def _resblock(channels, out_channels, emb=24):
+    from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock
+
+    g = torch.Generator().manual_seed(5)
+    block = ResBlock(channels, emb, 0.0, out_channels=out_channels, dims=2,
+                     operations=comfy.ops.disable_weight_init).eval()
+    for prm in block.parameters():
+        with torch.no_grad():
+            prm.copy_(torch.randn(prm.shape, generator=g) * 0.2 + (1.0 if prm.ndim == 1 and prm.shape[0] in
+                                                                   (channels, out_channels) else 0.0))
+    return block
+
+
+def test_split_input_resblock_equals_block_on_the_concatenation(lm, LM):
+    """block(cat([h, skip]), emb) against the ResBlock itself, fp32, 8-row bands: with the
+    moments measured inside and handed in (as parking measures them); 96 channels in 32 groups
+    of 3, so the group of channels 63-65 straddles the two parts (the combined moments must be
+    exact). The parts list is emptied, the parts themselves are never changed."""
+    import comfy.ops  # noqa: F401
+
+    block = _resblock(96, 64)
+    assert lm.chunkable(block)
+    g = torch.Generator().manual_seed(6)
+    h = torch.randn(2, 64, 29, 17, generator=g) * 2 + 3
+    skip = torch.randn(2, 32, 29, 17, generator=g) - 1
+    emb = torch.randn(2, 24, generator=g)
+    with torch.no_grad():
+        ref = block(torch.cat([h, skip], 1), emb)
+        h0, s0 = h.clone(), skip.clone()
+        for moments in (None, [lm.channel_moments(h, 8), lm.channel_moments(skip, 5)]):
+            parts = [h, skip]
+            out = lm.split_input_resblock(block, parts, emb, moments, band_bytes=1, affine=LM._affine)
+            assert parts == [] and torch.equal(h, h0) and torch.equal(skip, s0)
+            assert out.shape == ref.shape and (out - ref).abs().max() <= TOL
+        mean, m2 = lm.channel_moments(skip, 4)
+        assert (mean - skip.mean((2, 3))).abs().max() < 1e-6
+        assert (m2 - (skip - skip.mean((2, 3), keepdim=True)).square().sum((2, 3))).abs().max() < 1e-3
+
+
+def test_banded_upsample_equals_layer(lm):
+    """Nearest x2 + conv over 8-row bands of the output (odd and even band starts, the conv's
+    halo) against the Upsample layer; an explicit output_shape other than 2x, and small maps,
+    take the layer's own forward."""
+    from comfy.ldm.modules.diffusionmodules.openaimodel import Upsample
+
+    import comfy.ops
+
+    g = torch.Generator().manual_seed(7)
+    up = Upsample(24, True, dims=2, out_channels=16, operations=comfy.ops.disable_weight_init).eval()
+    with torch.no_grad():
+        for prm in up.parameters():
+            prm.copy_(torch.randn(prm.shape, generator=g) * 0.2)
+        x = torch.randn(1, 24, 19, 11, generator=g)
+        ref = up(x)
+        fwd = lm.banded_upsample_forward(up, band_bytes=1, min_bytes=0)
+        out = fwd(x)
+        assert out.shape == ref.shape == (1, 16, 38, 22) and (out - ref).abs().max() <= TOL
+        assert (fwd(x, output_shape=(1, 16, 38, 22)) - ref).abs().max() <= TOL
+        odd = up(x, output_shape=(1, 16, 37, 22))
+        assert torch.equal(fwd(x, output_shape=(1, 16, 37, 22)), odd)  # the layer's own path
+        assert torch.equal(lm.banded_upsample_forward(up, band_bytes=1)(x), ref)  # below MIN_CHUNK_BYTES
