@@ -22,15 +22,17 @@ import math
 LINEAR_MIB_PER_ELEMENT_BYTE = 0.007
 SOFTMAX_HEADS_MAX = 20  # the most heads any supported family has in one self-attention layer
 
-# low_memory (nodes/lowmem.py: one cond per evaluation, banded resnets, token-chunked
-# projections, skips parked in host memory): bytes of ONE evaluation, fitted to the tracker
-# (fp16). Families differ in where the peak sits: with attention at the full-resolution level
-# (SD1.x/2.x) it is inside that level's LinFusion layer; without (SDXL) it is the
-# concatenation of the upsampled features with their skip. Once the full-resolution feature
-# maps (320 channels) reach BANDED_FROM bytes the resnets run in bands, whose fixed-size
-# scratch is the constant term; below, a plain coefficient.
+# low_memory (nodes/lowmem.py: one cond per evaluation, banded resnets, upsamplers and out
+# head, the decoder's skip concatenations left to the banded resnets, k/v-then-streamed-q
+# LinFusion layers, token-chunked feed-forward and cross-attention, skips parked in host
+# memory): bytes of ONE evaluation, fitted to the tracker (fp16, bench/RESULTS.md). What is
+# left at the peak is a few full-size maps that ComfyUI's own blocks hold at once: in a
+# transformer block of the first level with attention (SD1.x/2.x: the latent's own size,
+# SDXL: half of it), or the decoder's banded resnets at the full size. Once the
+# full-resolution feature maps (320 channels) reach BANDED_FROM bytes the resnets run in
+# bands, whose fixed-size scratch is the constant term; below, a plain coefficient.
 #   key: attention at full resolution? -> (MiB fixed, MiB per element-byte banded, unbanded)
-LOW_MEMORY_FIT = {True: (194.0, 0.003052, 0.00625), False: (100.0, 0.001819, 0.00406)}
+LOW_MEMORY_FIT = {True: (200.0, 0.00213, 0.00625), False: (200.0, 0.00110, 0.00406)}
 FULL_RES_CHANNELS = 320  # model_channels of every supported family
 BANDED_FROM = 32 << 20  # linfusion.lowmem.MIN_CHUNK_BYTES
 
