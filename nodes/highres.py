@@ -50,6 +50,7 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..linfusion import highres as hr
+from ..linfusion import lowmem, tiling
 from .highres_checks import check_inputs, check_memory, check_target
 from .lowmem import low_memory_estimate, low_memory_unet
 from .schema import HIGHRES_CATEGORY, schema
@@ -365,7 +366,7 @@ class HighResStageSampler(comfy.samplers.Sampler):
             sampler_function = inner_fn
         ks = comfy.samplers.KSAMPLER(sampler_function, self.inner.extra_options, self.inner.inpaint_options)
         ffs = feed_forward_layers(unet) if self.ff_chunks > 1 else []
-        with hr.chunked_token_forward(ffs, self.ff_chunks), \
+        with hr.chunked_token_forward(ffs, self.ff_chunks, max_tokens=lowmem.MAX_CHUNK_TOKENS), \
                 low_memory_unet(unet, extra_args.get("model_options"), self.ff_chunks > 1):
             return ks.sample(model_wrap, sigmas, extra_args, callback, noise, latent_image, denoise_mask, disable_pbar)
 
@@ -387,23 +388,39 @@ def inner_progress_muted():
         comfy.utils.set_progress_bar_global_hook(previous)
 
 
+def _check_interrupt(_done: int, _total: int) -> None:
+    comfy.model_management.throw_exception_if_processing_interrupted()
+
+
 def vae_decode(vae, latent: torch.Tensor, tile: int) -> torch.Tensor:
-    """Latent (B, C, h, w) -> IMAGE (B, H, W, 3); tiled when the long side exceeds `tile` px."""
+    """Latent (B, C, h, w) -> IMAGE (B, H, W, 3); tiled when the long side exceeds `tile` px:
+    each tile decoded once by the VAE's own decode and blended into one image buffer
+    (linfusion/tiling.py), which at 16K is 3.2 GB of host memory instead of several."""
     long_px = max(latent.shape[-2:]) * hr.LATENT_GRID
     with inner_progress_muted():
         if tile > 0 and long_px > tile:
             comp = vae.spacial_compression_decode()
             overlap = min(VAE_TILE_OVERLAP, tile // 4)
-            return vae.decode_tiled(latent, tile_x=tile // comp, tile_y=tile // comp, overlap=overlap // comp)
+            return tiling.tiled_map(vae.decode, latent, max(1, tile // comp), overlap // comp, scale=(comp, 1),
+                                    dims=(2, 3), out_dims=(1, 2), progress=_check_interrupt)
         return vae.decode(latent)
 
 
 def vae_encode(vae, image: torch.Tensor, tile: int) -> torch.Tensor:
-    """IMAGE (B, H, W, C) -> latent; tiled when the long side exceeds `tile` px."""
+    """IMAGE (B, H, W, C) -> latent; tiled (one encode per tile, blended in latent space) when
+    the long side exceeds `tile` px. Sides are cropped to the VAE's grid, centred, as its
+    own encode does."""
     image = image[..., :3]
     with inner_progress_muted():
         if tile > 0 and max(image.shape[1:3]) > tile:
-            return vae.encode_tiled(image, tile_x=tile, tile_y=tile, overlap=min(VAE_TILE_OVERLAP, tile // 4))
+            comp = vae.spacial_compression_encode()
+            h, w = image.shape[1] // comp * comp, image.shape[2] // comp * comp
+            dy, dx = (image.shape[1] - h) // 2, (image.shape[2] - w) // 2
+            image = image[:, dy:dy + h, dx:dx + w]
+            tile = max(comp, tile // comp * comp)
+            overlap = min(VAE_TILE_OVERLAP, tile // 4) // comp * comp
+            return tiling.tiled_map(vae.encode, image, tile, overlap, scale=(1, comp), dims=(1, 2),
+                                    out_dims=(2, 3), align=comp, progress=_check_interrupt)
         return vae.encode(image)
 
 

@@ -172,9 +172,8 @@ SYMBOLS: dict[str, tuple[int, tuple[str, ...]] | None] = {
     "comfy.utils.common_upscale": (5, ()),
     "comfy.sd.VAE.encode": (2, ()),
     "comfy.sd.VAE.decode": (2, ()),
-    "comfy.sd.VAE.encode_tiled": (2, ("tile_x", "tile_y", "overlap")),
-    "comfy.sd.VAE.decode_tiled": (2, ("tile_x", "tile_y", "overlap")),
     "comfy.sd.VAE.spacial_compression_decode": (1, ()),
+    "comfy.sd.VAE.spacial_compression_encode": (1, ()),
     "latent_preview.get_previewer": (2, ()),
     # model files (nodes/weights_store.py) and distillation (nodes/distill_cli.py)
     "folder_paths.models_dir": None,

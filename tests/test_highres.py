@@ -487,7 +487,12 @@ def test_pixel_upscale_through_vae_and_tiling(H, model, vae, monkeypatch):
     assert rep.shapes == [(1, 4, 8, 8), (1, 4, 16, 16)]
     used.clear()
     tiled, _ = run(H, model, (128, 128), base, upscale_method="pixel", vae=vae, vae_tile_size=32, method="sdedit")
-    assert [n for n, _ in used] == ["decode", "encode_tiled", "decode_tiled", "encode_tiled"]
+    # tiles through the VAE's own decode/encode, each once (linfusion/tiling.py): 32 px tiles with
+    # 8 px overlap; encodes of the 64 px and 128 px images, a decode of the 8x8 latent in 4x4 tiles
+    sp = H.tiling.spans
+    n64, n128, n8 = len(sp(64, 32, 8, 8)) ** 2, len(sp(128, 32, 8, 8)) ** 2, len(sp(8, 4, 1)) ** 2
+    assert [n for n, _ in used] == ["decode"] + ["encode"] * n64 + ["decode"] * n8 + ["encode"] * n128
+    assert {tuple(s) for n, s in used[1:]} == {(1, 32, 32, 3), (1, 4, 4, 4)} and (n64, n8, n128) == (9, 9, 49)
     assert tiled.shape == plain.shape and torch.isfinite(tiled).all() and not torch.equal(plain, tiled)
     with pytest.raises(ValueError, match="needs a VAE"):
         run(H, model, (64, 64), base, upscale_method="pixel")
