@@ -697,18 +697,20 @@ def serve(rank: int, world: int, init_method: str, backend: str, timeout_s: floa
           builder_file: str, requests: Any, replies: Any) -> None:
     """Worker loop of a persistent band-parallel group (run in a spawned process).
 
-    Joins the group, then serves messages from `requests`: ("load", payload) builds the model
-    with build_unet(payload, device) from `builder_file` (a host-specific file loaded by path,
-    so this module stays free of host imports); ("forward", x, args, kwargs, convs) runs this
-    rank's band of one forward in step with rank 0, with rank 0's conv settings (conv_settings,
-    or None); ("stop",) leaves. Replies ("ok"|"error", rank, text) go to `replies`. The worker
-    also leaves when its parent process is gone. The process group is destroyed on the way out.
+    Replies ("ok", rank, "started"), joins the group, then serves messages from `requests`:
+    ("load", payload) builds the model with build_unet(payload, device) from `builder_file` (a
+    host-specific file loaded by path, so this module stays free of host imports);
+    ("forward", x, args, kwargs, convs) runs this rank's band of one forward in step with rank 0,
+    with rank 0's conv settings (conv_settings, or None); ("stop",) leaves. Replies
+    ("ok"|"error", rank, text) go to `replies`. The worker also leaves when its parent process
+    is gone. The process group is destroyed on the way out.
     """
     import importlib.util
 
     dev = torch.device(device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
+    replies.put(("ok", rank, "started"))  # the host waits for this before it joins the group
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
                             timeout=timedelta(seconds=timeout_s))
     unet = None

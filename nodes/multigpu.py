@@ -80,6 +80,23 @@ def _serve_target():
     return linfusion.parallel.serve
 
 
+@contextlib.contextmanager
+def _main_module_hidden():
+    """While worker processes are spawned: a spawned child runs the parent's __main__ again
+    (multiprocessing's spawn preparation), which in a server is ComfyUI's main.py. Without a
+    file or spec on __main__, the child imports only what its target needs."""
+    main = sys.modules["__main__"]
+    saved = {k: main.__dict__[k] for k in ("__file__", "__spec__") if k in main.__dict__}
+    main.__dict__.pop("__file__", None)
+    main.__spec__ = None
+    try:
+        yield
+    finally:
+        main.__dict__.update(saved)
+        if "__spec__" not in saved:
+            del main.__spec__
+
+
 class BandGroup:
     """Rank 0's side of a persistent group: the worker processes and the process group."""
 
@@ -98,21 +115,22 @@ class BandGroup:
                                         str(Path(__file__).with_name("multigpu_worker.py")), self.requests[r - 1],
                                         self.replies))
                       for r in range(1, self.world)]
-        for p in self.procs:
-            p.start()
-        try:
-            dist.init_process_group(self.backend, init_method=f"file://{store}", rank=0, world_size=self.world,
-                                    timeout=timedelta(seconds=timeout_s))
-        except BaseException:
+        with _main_module_hidden():
             for p in self.procs:
-                p.kill()
-                p.join()
-            shutil.rmtree(self.store_dir, ignore_errors=True)
-            raise
+                p.start()
         self.loaded: tuple | None = None
         self.busy = False  # inside a UNet call: a release then waits for its end
         self.close_reason: str | None = None
         self.pids = [p.pid for p in self.procs]
+        # each worker reports before joining the group: one that dies while starting fails here
+        # at once, instead of after the group's timeout
+        self._await("its start (its traceback is in the log above)")
+        try:
+            dist.init_process_group(self.backend, init_method=f"file://{store}", rank=0, world_size=self.world,
+                                    timeout=timedelta(seconds=timeout_s))
+        except BaseException:
+            self.close("the process group did not form")
+            raise
         log.info("LinFusion Multi-GPU: %d ranks on %s (%s); worker pids %s", self.world, ", ".join(map(str, devices)),
                  self.backend, ", ".join(map(str, self.pids)))
 
@@ -222,6 +240,9 @@ class BandGroup:
                 p.join()
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
+        for q in [*self.requests, self.replies]:
+            q.cancel_join_thread()  # never block on a message no one will read
+            q.close()
         shutil.rmtree(self.store_dir, ignore_errors=True)
         global _GROUP
         if _GROUP is self:
