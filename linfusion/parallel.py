@@ -174,6 +174,67 @@ def conv_geometry(m: nn.Conv2d) -> tuple[int, int, int, int, int]:
     return m.kernel_size[0], m.stride[0], pad[0], m.dilation[0], pad[1]
 
 
+def check_conv_fit(model: nn.Module, bands: Bands, levels: int) -> None:
+    """Raise BandParallelError if a Conv2d of `model`, with its current dilation and padding,
+    would need more halo rows than a neighbouring band holds at one of a UNet's `levels` + 1
+    resolutions (level l: the bands' edges / 2^l; stride-2 convs only at the first `levels`).
+
+    The runtime raises the same error at the conv itself, mid-forward; checking first lets a
+    host run the call on one device instead (DemoFusion's dilated branch on small latents)."""
+    seen = set()
+    for m in model.modules():
+        if not isinstance(m, nn.Conv2d):
+            continue
+        k, s, p, d, _ = conv_geometry(m)
+        if (k == 1 and s == 1 and p == 0) or (k, s, p, d) in seen:
+            continue
+        seen.add((k, s, p, d))
+        for level in range(levels + (1 if s == 1 else 0)):
+            conv_plan(Bands(tuple(e >> level for e in bands.edges)), k, s, p, d)
+
+
+def conv_settings(model: nn.Module) -> list[tuple]:
+    """(dilation, padding) of every Conv2d of `model` in module order: what a host changes at run
+    time (DemoFusion's dilated branch) and a worker's copy of the model must mirror."""
+    return [(m.dilation, m.padding) for m in model.modules() if isinstance(m, nn.Conv2d)]
+
+
+@contextlib.contextmanager
+def conv_settings_applied(model: nn.Module, settings: list[tuple] | None) -> Iterator[None]:
+    """Give the Conv2d layers of `model` the (dilation, padding) of `settings` (conv_settings of an
+    identical model) for the duration of the block; the previous values come back on exit."""
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    if settings is None:
+        yield
+        return
+    if len(settings) != len(convs):
+        raise BandParallelError(f"band-parallel: {len(settings)} conv settings for a model with {len(convs)} "
+                                "Conv2d layers: the worker's copy of the model differs from rank 0's")
+    saved = [(c.dilation, c.padding) for c in convs]
+    try:
+        for c, (dil, pad) in zip(convs, settings):
+            c.dilation, c.padding = tuple(dil), pad if isinstance(pad, str) else tuple(pad)
+        yield
+    finally:
+        for c, (dil, pad) in zip(convs, saved):
+            c.dilation, c.padding = dil, pad
+
+
+def replaced_forwards(model: nn.Module) -> list[str]:
+    """Modules of `model` with an instance-level `forward` (a host's monkey patch) that read rows
+    across a band edge (a Conv2d or GroupNorm inside): band parallelism patches those layers
+    itself, and a replaced forward around them (e.g. banded resnets computing their own GroupNorm
+    statistics) would run on one rank only. Token-wise replacements (feed-forward chunking) and
+    LinFusion layers (band_parallel replaces their forward whole) are not listed."""
+    out = []
+    for name, m in model.named_modules():
+        if "forward" not in m.__dict__ or isinstance(m, LinFusionAttention):
+            continue
+        if any(isinstance(c, (nn.Conv2d, nn.GroupNorm)) for c in m.modules()):
+            out.append(name or type(m).__name__)
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # The runtime
 
@@ -620,7 +681,8 @@ def launch(fn: Callable, world: int, args: tuple = (), *, backend: str = "gloo",
 
 
 __all__ = ["BandParallel", "BandParallelError", "Bands", "ConvPlan", "Halo", "WorkerError", "band_parallel",
-           "conv_plan", "launch", "split_rows"]
+           "check_conv_fit", "conv_plan", "conv_settings", "conv_settings_applied", "launch", "replaced_forwards",
+           "serve", "split_rows"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -635,17 +697,20 @@ def serve(rank: int, world: int, init_method: str, backend: str, timeout_s: floa
           builder_file: str, requests: Any, replies: Any) -> None:
     """Worker loop of a persistent band-parallel group (run in a spawned process).
 
-    Joins the group, then serves messages from `requests`: ("load", payload) builds the model
-    with build_unet(payload, device) from `builder_file` (a host-specific file loaded by path,
-    so this module stays free of host imports); ("forward", x, args, kwargs) runs this rank's
-    band of one forward in step with rank 0; ("stop",) leaves. Replies ("ok"|"error", rank, text)
-    go to `replies`. The process group is destroyed on the way out.
+    Replies ("ok", rank, "started"), joins the group, then serves messages from `requests`:
+    ("load", payload) builds the model with build_unet(payload, device) from `builder_file` (a
+    host-specific file loaded by path, so this module stays free of host imports);
+    ("forward", x, args, kwargs, convs) runs this rank's band of one forward in step with rank 0,
+    with rank 0's conv settings (conv_settings, or None); ("stop",) leaves. Replies
+    ("ok"|"error", rank, text) go to `replies`. The worker also leaves when its parent process
+    is gone. The process group is destroyed on the way out.
     """
     import importlib.util
 
     dev = torch.device(device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
+    replies.put(("ok", rank, "started"))  # the host waits for this before it joins the group
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
                             timeout=timedelta(seconds=timeout_s))
     unet = None
@@ -653,8 +718,14 @@ def serve(rank: int, world: int, init_method: str, backend: str, timeout_s: floa
         spec = importlib.util.spec_from_file_location("linfusion_band_builder", builder_file)
         builder = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(builder)
+        parent = os.getppid()
         while True:
-            msg = requests.get()
+            try:
+                msg = requests.get(timeout=1.0)
+            except queue_mod.Empty:
+                if os.getppid() != parent:
+                    return  # the host died without stopping us (SIGKILL, or SIGTERM without cleanup)
+                continue
             try:
                 if msg[0] == "stop":
                     replies.put(("ok", rank, "stopped"))
@@ -663,8 +734,9 @@ def serve(rank: int, world: int, init_method: str, backend: str, timeout_s: floa
                     unet = builder.build_unet(msg[1], dev)
                     replies.put(("ok", rank, "loaded"))
                 elif msg[0] == "forward":
-                    _, x, args, kwargs = msg
-                    with band_parallel(unet, timeout_s=timeout_s) as bp, torch.no_grad():
+                    _, x, args, kwargs, convs = msg
+                    with conv_settings_applied(unet, convs), band_parallel(unet, timeout_s=timeout_s) as bp, \
+                            torch.no_grad():
                         bp.forward(unet, _to(x, dev), *[_to(a, dev) for a in args],
                                    **{k: _to(v, dev) for k, v in kwargs.items()})
                     replies.put(("ok", rank, "forward"))

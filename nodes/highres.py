@@ -53,6 +53,7 @@ from ..linfusion import highres as hr
 from ..linfusion import lowmem, tiling
 from .highres_checks import check_inputs, check_memory, check_target
 from .lowmem import low_memory_estimate, low_memory_unet
+from .multigpu import is_band_parallel
 from .schema import HIGHRES_CATEGORY, schema
 
 log = logging.getLogger("ComfyUI-LinFusion")
@@ -366,8 +367,15 @@ class HighResStageSampler(comfy.samplers.Sampler):
             sampler_function = inner_fn
         ks = comfy.samplers.KSAMPLER(sampler_function, self.inner.extra_options, self.inner.inpaint_options)
         ffs = feed_forward_layers(unet) if self.ff_chunks > 1 else []
+        banded_unet = self.ff_chunks > 1
+        if banded_unet and is_band_parallel(base):
+            # the banded resnets compute GroupNorm statistics of their own: not across devices
+            log.info("LinFusion high-res: low_memory under LinFusion Multi-GPU: banded resnets, skip parking and "
+                     "chunked LinFusion projections are off (each device holds only its band of rows); cond/uncond "
+                     "one at a time and feed-forward chunks stay")
+            banded_unet = False
         with hr.chunked_token_forward(ffs, self.ff_chunks, max_tokens=lowmem.MAX_CHUNK_TOKENS), \
-                low_memory_unet(unet, extra_args.get("model_options"), self.ff_chunks > 1):
+                low_memory_unet(unet, extra_args.get("model_options"), banded_unet):
             return ks.sample(model_wrap, sigmas, extra_args, callback, noise, latent_image, denoise_mask, disable_pbar)
 
 

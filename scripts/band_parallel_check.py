@@ -3,8 +3,8 @@
 Every rank builds the same UNet (SD1.5/SD2.1/SDXL layout, random weights, LinFusion in every
 attn1), runs one forward on its band of the latent, and rank 0 compares the gathered output
 with a single-process forward (--check) and prints the bytes each rank sent. It verifies a
-multi-machine setup (network, backend, timeouts) before real work; it does not yet run a
-workflow's high-res stage (see the LinFusion Multi-GPU node for one machine).
+multi-machine setup (network, backend, timeouts) before real work; scripts/band_parallel_stage.py
+runs a high-res stage's Euler steps the same way (the LinFusion Multi-GPU node: one machine).
 
 One machine, 2 GPUs:
     torchrun --nproc-per-node 2 scripts/band_parallel_check.py --layout sdxl --px 2048 --check

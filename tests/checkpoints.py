@@ -14,9 +14,10 @@
 Values keep activations finite: weights of 2+ dims ~ N(0, 1/fan_in), 1-D weights (all are
 norm gains) 1, biases 0; one seeded generator, so a file is reproducible.
 
-Both are cached in $LINFUSION_TEST_CACHE, else <repo>/.dev/test-cache, built into a temporary
-name and renamed (atomic), under a file lock (parallel sessions build once). The file names
-carry GENERATOR_VERSION: bump it when the content rules change and the next run rebuilds.
+Both are cached in $LINFUSION_TEST_CACHE, else $LINFUSION_DEV/test-cache (LINFUSION_DEV defaults
+to <repo>/.dev), built into a temporary name and renamed (atomic), under a file lock (parallel
+sessions build once). The file names carry GENERATOR_VERSION: bump it when the content rules
+change and the next run rebuilds.
 
 Prebuild from a shell: .dev/venv/bin/python tests/checkpoints.py
 """
@@ -43,7 +44,8 @@ last_build_seconds: dict[str, float] = {}
 
 
 def cache_dir() -> Path:
-    d = Path(os.environ.get("LINFUSION_TEST_CACHE") or REPO / ".dev" / "test-cache")
+    dev = Path(os.environ.get("LINFUSION_DEV", REPO / ".dev"))  # a worktree shares the main checkout's
+    d = Path(os.environ.get("LINFUSION_TEST_CACHE") or dev / "test-cache")
     d.mkdir(parents=True, exist_ok=True)
     return d
 

@@ -4,8 +4,12 @@ single-device latent."""
 
 from __future__ import annotations
 
+import gc
+import logging
 import multiprocessing
+from collections.abc import Callable
 
+import comfy.model_management
 import comfy.sample
 import helpers
 import pytest
@@ -64,3 +68,117 @@ def test_two_cpu_devices_sample_the_single_device_latent(lf, node_classes, sd15,
     group.close()
     assert multigpu._GROUP is None and not dist.is_initialized()
     assert not multiprocessing.active_children()
+
+
+def _gone(pid: int) -> bool:
+    """The process has exited (and was reaped, or is a zombie no one waits for)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_group_closes_when_the_model_is_unloaded_or_collected(lf, node_classes, sd15, linfusion_dir, multigpu):
+    put_weights(lf, linfusion_dir, "sd15", sd15)
+    model = apply(node_classes, sd15, "auto")
+    out = node_classes["LinFusionMultiGPU"].execute(model, "cpu,cpu", 60)
+    banded_model = out.result[0] if hasattr(out, "result") else out[0]
+    first = highres_stage(banded_model, 1.0)
+    group = multigpu._GROUP
+    assert group is not None and not any(_gone(p) for p in group.pids)
+    # /free with unload_models runs exactly this: every loaded model is detached (unpatch_all)
+    comfy.model_management.unload_all_models()
+    assert multigpu._GROUP is None and not dist.is_initialized()
+    assert all(_gone(p) for p in group.pids) and not multiprocessing.active_children()
+    # the next run starts a new group and gives the same latent
+    again = highres_stage(banded_model, 1.0)
+    group2 = multigpu._GROUP
+    assert group2 is not None and group2 is not group and set(group2.pids).isdisjoint(group.pids)
+    assert (again - first).abs().max().item() < 1e-6
+    # sampling with the plain model swaps clones (detach with unpatch_all=False): the group stays
+    highres_stage(model, 1.0)
+    assert multigpu._GROUP is group2 and not any(_gone(p) for p in group2.pids)
+    # once no ModelPatcher carries the wrapper any more, the group goes
+    del out, banded_model
+    gc.collect()
+    assert multigpu._GROUP is None and not dist.is_initialized()
+    assert all(_gone(p) for p in group2.pids) and not multiprocessing.active_children()
+
+
+def highres(H, model, base_hw: int, low_memory: bool = False) -> torch.Tensor:
+    """One DemoFusion stage x2 from a (1, 4, base_hw, base_hw) latent: euler, 2 steps, cfg 1, every
+    dilated pass run (dilated_min_weight 0), dilation 2 (native size = the base), under inference
+    mode as ComfyUI's executor runs nodes."""
+    latent = torch.randn(1, 4, base_hw, base_hw, generator=torch.Generator().manual_seed(3)) * 5.0
+    s = H.HighResSettings(seed=7, steps=4, cfg=1.0, sampler_name="euler", scheduler="normal", method="demofusion",
+                          upscale_method="latent", native_size=base_hw * 8, dilated_min_weight=0.0,
+                          low_memory=low_memory)
+    pos, neg = helpers.conds("sd15", 1)
+    with torch.inference_mode():
+        out, report = H.run_stages(model, pos, neg, {"samples": latent}, None, (base_hw * 16, base_hw * 16), s)
+    assert [st.dilation for st in report.stages] == [2] and report.shapes == [(1, 4, 2 * base_hw, 2 * base_hw)]
+    return out["samples"].clone()
+
+
+def unet_calls(model) -> tuple[list[int], Callable[[], None]]:
+    """conv_in's dilation at every UNet forward on this process (rank 0's band calls included)."""
+    unet = model.model.diffusion_model
+    calls: list[int] = []
+    h = unet.register_forward_pre_hook(lambda m, a: calls.append(unet.input_blocks[0][0].dilation[0]))
+    return calls, h.remove
+
+
+def test_highres_sampler_runs_band_parallel_local_and_dilated(pack, lf, node_classes, sd15, linfusion_dir, multigpu,
+                                                              caplog):
+    """DemoFusion's local and dilated (blurred input, dilated convs) passes both go through the
+    wrapper: the worker mirrors rank 0's conv dilation. low_memory's banded resnets would compute
+    GroupNorm statistics per band on rank 0 alone: under Multi-GPU the sampler turns them off."""
+    H = pack.nodes.highres
+    put_weights(lf, linfusion_dir, "sd15", sd15)
+    model = apply(node_classes, sd15, "auto")
+    calls, remove = unet_calls(model)
+    single = highres(H, model, 16)  # 16x16 -> 32x32 latent: bands of 16 rows, 2 at the deepest level
+    remove()
+    # cfg 1, 2 steps: local + dilated, then local alone (the cosine weight of the dilated pass is 0 at t 0)
+    assert calls == [1, 2, 1]
+    out = node_classes["LinFusionMultiGPU"].execute(model, "cpu,cpu", 60)
+    banded_model = out.result[0] if hasattr(out, "result") else out[0]
+    errs = {}
+    for low_memory in (False, True):
+        before = dict(multigpu.CALLS)
+        calls, remove = unet_calls(banded_model)
+        with caplog.at_level(logging.INFO):
+            banded = highres(H, banded_model, 16, low_memory)
+        remove()
+        assert calls == [1, 2, 1]  # rank 0 ran the same passes, each on its band
+        assert multigpu.CALLS["band"] - before.get("band", 0) == 3
+        assert multigpu.CALLS["one_device"] == before.get("one_device", 0)
+        errs[low_memory] = (banded - single).abs().max().item()
+    assert max(errs.values()) < 1e-4, errs
+    assert "low_memory under LinFusion Multi-GPU: banded resnets" in caplog.text
+
+
+def test_dilated_pass_too_thin_for_the_bands_runs_on_one_device(pack, lf, node_classes, sd15, linfusion_dir,
+                                                                multigpu, caplog):
+    """Three ranks, 12x12 -> 24x24 latent: at the deepest level each band has one row, and the middle
+    rank's convs dilated x2 need two rows from each neighbour (with two ranks the image edge
+    clips every halo to what the other band holds). The dilated pass falls back to one device
+    (logged once), the local passes stay band-parallel, and the result is the single-device one."""
+    H = pack.nodes.highres
+    put_weights(lf, linfusion_dir, "sd15", sd15)
+    model = apply(node_classes, sd15, "auto")
+    single = highres(H, model, 12)
+    out = node_classes["LinFusionMultiGPU"].execute(model, "cpu,cpu,cpu", 60)
+    banded_model = out.result[0] if hasattr(out, "result") else out[0]
+    before = dict(multigpu.CALLS)
+    with caplog.at_level(logging.WARNING):
+        banded = highres(H, banded_model, 12)
+    assert multigpu._GROUP.world == 3
+    assert multigpu.CALLS["band"] - before.get("band", 0) == 2  # the local passes
+    assert multigpu.CALLS["one_device"] - before.get("one_device", 0) == 1  # the dilated pass
+    warnings = [r.getMessage() for r in caplog.records if "run on one device" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert "latent 24x24" in warnings[0] and "needs more rows than a neighbouring band" in warnings[0]
+    assert "dilated x2: DemoFusion's dilated branch" in warnings[0]
+    assert (banded - single).abs().max().item() < 1e-4
