@@ -615,14 +615,18 @@ TIP_NATIVE = ("The model's native resolution (long side, px) that the dilated br
               "Set it for fine-tunes trained at another size.")
 TIP_UPSCALE = ("pixel: decode, bicubic x2, encode between stages (the reference; VAE tiled above vae_tile_size). "
                "latent: bicubic on the latent, no VAE round trip (faster, softer).")
-TIP_LOW_MEM = ("Lower peak memory for very large images (the reference's 16K-in-24GB settings): positive and "
-               "negative are evaluated one after the other instead of as one doubled batch, the feed-forward "
-               f"layers run on {FF_CHUNKS} chunks of tokens, LinFusion builds q/k/v in token chunks, the resnets "
-               "of the two largest levels run in bands of rows, and on a GPU the UNet's skip connections wait in "
-               "CPU memory. Same result (up to float rounding), somewhat slower. Projected fp16 peak: SD1.5 "
-               "16384x8192 about 14.4 GiB, SDXL 16384x16384 about 19.9 GiB (bench/RESULTS.md).")
+TIP_LOW_MEM = ("Lower peak memory for very large images (the reference's 16K-in-24GB settings and more): positive "
+               "and negative are evaluated one after the other instead of as one doubled batch, feed-forward and "
+               f"cross-attention run on at least {FF_CHUNKS} chunks of tokens, LinFusion reduces keys/values to "
+               "their summary before streaming the queries, the resnets, upsamplers and output head of the two "
+               "largest levels run in bands of rows without building the decoder's skip concatenations, and on "
+               "a GPU the UNet's skip connections wait in CPU memory. Same result (up to float rounding). "
+               "Projected fp16 peak: SD1.5 16384x8192 about 10.6 GiB, SDXL 16384x16384 about 13.9 GiB "
+               "(bench/RESULTS.md).")
 TIP_TILE = ("Images whose long side exceeds this many pixels are VAE-decoded/encoded in tiles of this size "
-            "between stages (the SD1.5 notebook tiles from 4K on with 2048 px tiles). 0 = never tile.")
+            "(the SD1.5 notebook tiles from 4K on with 2048 px tiles), each tile once, blended into one image "
+            "buffer. GPU memory grows with the tile (SD VAE decode: ~5 GiB at 2048 px, ~1.3 GiB at 1024 px), "
+            "not with the image. 0 = never tile.")
 
 
 def _sampling_inputs() -> list:

@@ -21,7 +21,8 @@ import comfy.model_management
 import torch
 from comfy_api.latest import io
 
-from ..linfusion.memory import inference_bytes
+from ..linfusion.memory import inference_bytes, low_memory_inference_bytes
+from .lowmem import attention_at_full_res
 
 # The hard ceiling on a high-res target: 2**30 pixels (1.07 gigapixels, e.g. 32768 x 32768),
 # four times the largest image the reference publishes (16384 x 16384). Above it even the
@@ -162,17 +163,18 @@ def check_target(node: str, target_px: tuple[int, int], source: str) -> None:
 def stage_bytes(model, batch: int, latent_hw: tuple[int, int], cfg: float, low_memory: bool,
                 pixel_space: bool) -> dict[str, float]:
     """Bytes one stage needs, by where they live: 'unet' on the model's load device (the pack's
-    linear estimate for one model evaluation; 0 in low-memory mode, whose chunked feed-forward
-    the estimate does not model), and 'pixels' on the intermediate device (the float32 image
-    before and after the bicubic resize, when the stage upscales in pixel space)."""
+    estimate of one model evaluation's activations: the linear one, or in low-memory mode the
+    low-memory one of a single cond), and 'pixels' on the intermediate device (the float32
+    image before and after the bicubic resize, when the stage upscales in pixel space)."""
     h, w = latent_hw
     base = model.model
     channels = model.get_model_object("latent_format").latent_channels
     evals = 1 if (low_memory or math.isclose(cfg, 1.0)) else 2  # cond and uncond batched (CFG)
-    unet = 0.0
-    if not low_memory:
-        unet = inference_bytes((batch * evals, channels, h, w), comfy.model_management.dtype_size(base.get_dtype()),
-                               getattr(base, "memory_usage_factor", 1.0))
+    size = comfy.model_management.dtype_size(base.get_dtype())
+    if low_memory:
+        unet = low_memory_inference_bytes((batch, channels, h, w), size, attention_at_full_res(base.diffusion_model))
+    else:
+        unet = inference_bytes((batch * evals, channels, h, w), size, getattr(base, "memory_usage_factor", 1.0))
     px = 2 * batch * (h * 8) * (w * 8) * 3 * 4 if pixel_space else 0.0
     return {"unet": unet, "pixels": px}
 
@@ -192,8 +194,9 @@ def check_memory(node: str, model, stages, batch: int, cfg: float, low_memory: b
         if need["unet"] > totals["unet"]:
             raise HighResInputError(
                 f"{node}: stage {st.index} ({w}x{h} px, batch {batch}) needs {need['unet'] / GB:.1f} GB for the "
-                f"model, the device ({unet_dev}) has {totals['unet'] / GB:.1f} GB. Fix: turn on low_memory, or a "
-                f"smaller target or batch.")
+                f"model, the device ({unet_dev}) has {totals['unet'] / GB:.1f} GB. Fix: "
+                + ("a smaller target or batch (low_memory is on)." if low_memory else
+                   "turn on low_memory, or a smaller target or batch."))
         if need["pixels"] > totals["pixels"]:
             raise HighResInputError(
                 f"{node}: stage {st.index} ({w}x{h} px, batch {batch}) needs {need['pixels'] / GB:.1f} GB for its "

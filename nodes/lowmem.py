@@ -144,6 +144,13 @@ def low_memory_unet(unet: torch.nn.Module, model_options: dict | None, enabled: 
                   parking.bytes_moved / 1e6)
 
 
+def attention_at_full_res(unet: torch.nn.Module) -> bool:
+    """Whether an LDM UNet has transformer blocks at the latent's own resolution (SD1.x/2.x yes,
+    SDXL no): the low-memory estimate differs (linfusion/memory.py)."""
+    blocks = getattr(unet, "input_blocks", None)
+    return bool(blocks) and len(blocks) > 1 and any(type(m).__name__ == "SpatialTransformer" for m in blocks[1])
+
+
 def low_memory_estimate():
     """OUTER_SAMPLE wrapper for the low-memory sampling clone: while it samples, ComfyUI's memory
     planning gets the low-memory estimate of one evaluation (linfusion/memory.py) instead of
@@ -158,8 +165,7 @@ def low_memory_estimate():
         if previous is None:  # not a LinFusion model: its own estimate stands
             return executor(noise, *args, **kwargs)
         unet = base.diffusion_model
-        full_res_attention = any(lowmem.is_resblock(m) is False and type(m).__name__ == "SpatialTransformer"
-                                 for m in unet.input_blocks[1])
+        full_res_attention = attention_at_full_res(unet)
         dtype = base.manual_cast_dtype or base.get_dtype()
         size = comfy.model_management.dtype_size(dtype)
         per_eval = noise.shape[0]  # one cond at a time: an evaluation is the latent batch

@@ -288,6 +288,31 @@ def test_dilation_and_chunking_always_restore(hrm):
         got = ff(tokens)
     h.remove()
     assert (got - want).abs().max() < 1e-6 and seen == [25, 25]
+    seen.clear()
+    h = ff[0].register_forward_hook(lambda _m, i, _o: seen.append(i[0].shape[1]))
+    with hrm.chunked_token_forward([ff], 2, min_tokens=20, max_tokens=12):  # the cap wins: ceil(50/12) = 5
+        got = ff(tokens)
+    h.remove()
+    assert (got - want).abs().max() < 1e-6 and seen == [10] * 5
+    attn = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+    calls = []
+    own = attn.forward
+
+    def cross(x, context=None, mask=None):  # a cross-attention's signature (queries chunked, keys shared)
+        calls.append(x.shape[1])
+        return own(x, context, context, need_weights=False)[0]
+
+    attn.forward = cross
+    ctx = torch.randn(2, 7, 8)
+    with torch.no_grad():
+        ref = attn(tokens, context=ctx)
+        calls.clear()
+        with hrm.chunked_token_forward([attn], 16, min_tokens=1, max_tokens=8):
+            out = attn(tokens, context=ctx)
+            assert calls == [4] * 12 + [2] and (out - ref).abs().max() < 1e-6
+            calls.clear()
+            attn(tokens, context=ctx, mask=torch.ones(1))  # a mask has a query axis: one whole call
+            assert calls == [50]
     with pytest.raises(RuntimeError), hrm.chunked_token_forward([ff], 4):
         raise RuntimeError
     assert "forward" not in ff.__dict__

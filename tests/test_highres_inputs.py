@@ -190,8 +190,19 @@ def test_stage_that_cannot_fit_refused_with_numbers(node_classes, model, vae, ne
                    f"stage 2 (4096x4096 px, batch 1) needs {need / 1e9:.1f} GB for the model, "
                    "the device (cpu) has 8.0 GB", "turn on low_memory")
     assert "stage 1" not in text  # the 2048 px stage (3.8 GB) fits
-    # low memory: the pixel buffers (2 x 16384^2 x 3 x 4 bytes = 6.4 GB) are still checked
+    # low memory: the low-memory estimate of one cond (linfusion/memory.py) ...
+    low = checks.stage_bytes(model, 1, (2048, 2048), 5.0, low_memory=True, pixel_space=False)["unet"]
+    assert low == pack.linfusion.memory.low_memory_inference_bytes((1, 4, 2048, 2048), 4, True) > 4e9
     monkeypatch.setattr(comfy.model_management, "get_total_memory", lambda dev=None, torch_total_too=False: 4e9)
+    text = refused(node_classes, SR, sr_kw(model, vae, width=16384, height=16384, low_memory=True),
+                   f"stage 1 (16384x16384 px, batch 1) needs {low / 1e9:.1f} GB for the model",
+                   "a smaller target or batch (low_memory is on)")
+    assert "turn on low_memory" not in text
+    # ... and the pixel buffers (2 x 16384^2 x 3 x 4 bytes = 6.4 GB) on the intermediate device: a
+    # model device with room (the first total asked for) and a small host (the second)
+    totals = iter([1e12, 4e9] * 4)
+    monkeypatch.setattr(comfy.model_management, "get_total_memory",
+                        lambda dev=None, torch_total_too=False: next(totals))
     refused(node_classes, SR, sr_kw(model, vae, width=16384, height=16384, low_memory=True),
             "stage 1 (16384x16384 px, batch 1) needs 6.4 GB for its pixel-space upscale, the device (cpu) has 4.0 GB")
 

@@ -377,6 +377,11 @@ def test_split_input_resblock_equals_block_on_the_concatenation(lm, LM):
             out = lm.split_input_resblock(block, parts, emb, moments, band_bytes=1, affine=LM._affine)
             assert parts == [] and torch.equal(h, h0) and torch.equal(skip, s0)
             assert out.shape == ref.shape and (out - ref).abs().max() <= TOL
+        mine = h.clone()  # overwrite_first: the output goes into the first part's storage, rows as they finish
+        parts = [mine, skip]
+        out = lm.split_input_resblock(block, parts, emb, None, band_bytes=1, affine=LM._affine, overwrite_first=True)
+        assert out.untyped_storage().data_ptr() == mine.untyped_storage().data_ptr()
+        assert (out - ref).abs().max() <= TOL and torch.equal(skip, s0)
         mean, m2 = lm.channel_moments(skip, 4)
         assert (mean - skip.mean((2, 3))).abs().max() < 1e-6
         assert (m2 - (skip - skip.mean((2, 3), keepdim=True)).square().sum((2, 3))).abs().max() < 1e-3
