@@ -434,8 +434,10 @@ def vae_encode(vae, image: torch.Tensor, tile: int) -> torch.Tensor:
 
 def resize_image(image: torch.Tensor, width: int, height: int) -> torch.Tensor:
     """Bicubic resize of an IMAGE (B, H, W, C), clamped to [0, 1] (bicubic overshoots)."""
-    out = comfy.utils.common_upscale(image.movedim(-1, 1), width, height, "bicubic", "disabled")
-    return out.movedim(1, -1).clamp(0.0, 1.0)
+    out = comfy.utils.common_upscale(image.movedim(-1, 1), width, height, "bicubic", "disabled").movedim(1, -1)
+    if out.untyped_storage().data_ptr() == image.untyped_storage().data_ptr():
+        return out.clamp(0.0, 1.0)  # not a new tensor: the caller's image stays as it is
+    return out.clamp_(0.0, 1.0)  # in place: a 16K image is 3.2 GB, a second copy is not needed
 
 
 def resize_latent(latent: torch.Tensor, height: int, width: int) -> torch.Tensor:

@@ -114,3 +114,21 @@ def test_vae_tiles_decoded_once_and_blend_seamlessly(pack, monkeypatch):
         with pytest.raises(comfy.model_management.InterruptProcessingException):
             H.vae_decode(vae, lat, 128)
         assert len(decodes) == 1
+
+
+def test_resize_image_clamps_in_place_without_touching_the_input(pack):
+    """The pixel-space upscale between stages: bicubic, clamped to [0, 1] in the new tensor
+    (no second full-size copy at 16K); the caller's image never changes, also at the same size."""
+    import comfy.utils
+
+    H = pack.nodes.highres
+    g = torch.Generator().manual_seed(2)
+    img = torch.rand(1, 24, 40, 3, generator=g)
+    before = img.clone()
+    want = comfy.utils.common_upscale(img.movedim(-1, 1), 80, 48, "bicubic", "disabled").movedim(1, -1).clamp(0, 1)
+    got = H.resize_image(img, 80, 48)
+    assert torch.equal(got, want) and torch.equal(img, before) and got.min() >= 0 and got.max() <= 1
+    assert (want - comfy.utils.common_upscale(img.movedim(-1, 1), 80, 48, "bicubic", "disabled")
+            .movedim(1, -1)).abs().max() > 0  # bicubic overshoots: the clamp matters
+    same = H.resize_image(img * 2 - 0.5, 40, 24)
+    assert same.shape == img.shape and same.min() >= 0 and torch.equal(img, before)
