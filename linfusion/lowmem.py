@@ -21,8 +21,19 @@ holds the last two, written so that results equal the plain path:
   ulps (max abs ~1e-6 on the tests' layouts). The convolution of a band with halo rows reads
   exactly the same inputs as the full convolution (zero padding only at the image border).
 
+Beyond the reference (what brings SDXL 16K from ~20 to ~14 GiB, bench/RESULTS.md):
+
+* `SkipConcat` + `split_input_resblock`: the decoder's `torch.cat([h, skip])` at the banded
+  levels is never built; the ResBlock reads its two parts band by band (a parked skip
+  straight from host memory) and can write its output into h's own storage.
+* `banded_upsample_forward` / `banded_sequence_forward`: the Upsample layers feeding the
+  banded levels and the UNet's output head (GroupNorm, SiLU, conv) in bands of rows.
+* `token_chunked_linfusion_forward`: keys and values first, reduced to LinFusion's summary,
+  then the queries streamed through it chunk by chunk (q and the attention output never
+  exist at full size).
+
 Nothing here imports ComfyUI: the module structure read is the LDM UNet's (ResBlock with
-in_layers / emb_layers / out_layers / skip_connection), the glue is nodes/lowmem.py.
+in_layers / emb_layers / out_layers / skip_connection, Upsample), the glue is nodes/lowmem.py.
 """
 
 from __future__ import annotations

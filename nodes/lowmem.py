@@ -92,9 +92,11 @@ def low_memory_wrapper(parking: lowmem.SkipParking | None, concat: lowmem.SkipCo
 @contextmanager
 def low_memory_unet(unet: torch.nn.Module, model_options: dict | None, enabled: bool = True,
                     park_device: torch.device | str | None = "default", min_chunk_bytes: int | None = None):
-    """Chunked resnets (two highest levels) and, off-CPU, skip connections parked in CPU memory,
-    for the duration of the block. `model_options`: the sampling call's (extra_args'), which
-    gets the parking wrapper. park_device "auto": the CPU when the model computes elsewhere,
+    """For the duration of the block: banded resnets, upsamplers and output head (two highest
+    levels), LinFusion layers with streamed queries, token-chunked cross-attention, and, through
+    a DIFFUSION_MODEL wrapper in `model_options` (the sampling call's, extra_args'), the
+    decoder's skip concatenations left to the banded resnets and, off-CPU, skip connections
+    parked in CPU memory. park_device "auto": the CPU when the model computes elsewhere,
     else no parking; None: no parking; a device: park there (tests park CPU tensors on the
     CPU, which copies them); "default": the module's PARK_DEVICE. min_chunk_bytes: feature maps
     below this size run unbanded (default linfusion.lowmem.MIN_CHUNK_BYTES). Yields the
