@@ -230,8 +230,8 @@ def band_wrapper(par, channel: Channel, timeout_s: float, stats: dict):
 
     def wrapper(executor, x, timesteps, context, y=None, control=None, transformer_options={}, **kwargs):  # noqa: B006
         if control is not None:
-            raise par.BandParallelError("band_parallel_stage.py runs no ControlNet: its residuals would not reach the "
-                                        "other ranks")
+            raise par.BandParallelError("band_parallel_stage.py applies no ControlNet, yet the UNet got ControlNet "
+                                        "residuals: run the stage in ComfyUI with the LinFusion Multi-GPU node")
         patches = {k: sorted(v) for k, v in transformer_options.items() if k in ("patches", "patches_replace") and v}
         extra = sorted(k for k, v in kwargs.items() if torch.is_tensor(v))
         if patches or extra:
