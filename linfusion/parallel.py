@@ -19,6 +19,9 @@ rounding), unlike DistriFusion's displaced (stale-activation) patch parallelism:
   squares (fp64, built from each band's own fp32 mean and variance, so no cancellation).
 - Everything per token or per pixel (linear layers, LayerNorm, cross-attention to the text,
   feed-forward, 1x1 convs, activations) runs on the band alone.
+- ControlNet / T2I-Adapter residuals are added per pixel at each level: `split_control` gives
+  each rank the rows of its band of every residual (`level_bands`: the latent's band edges
+  halved once per level, as the activations' bands are).
 - Any other self-attention (a model's own softmax `attn1`, or a LinFusion layer in hybrid
   mode taking its softmax branch) gathers every band's tokens, runs on all of them and keeps
   its own rows (exact, with the memory cost of the full sequence), or refuses if asked to.
@@ -106,6 +109,52 @@ def split_rows(height: int, world: int, row_multiple: int = 8) -> Bands:
     for r in range(world):
         edges.append(edges[-1] + (base + (1 if r < extra else 0)) * row_multiple)
     return Bands(tuple(edges))
+
+
+def level_bands(bands: Bands, height: int) -> Bands:
+    """The bands of a feature map `height` rows tall inside a forward whose latent has `bands`.
+
+    The UNet halves the rows at each level (stride-2 convs) and `conv_plan` halves the band edges
+    with them (edges are multiples of `row_multiple`), so a level 2^k times smaller than the
+    latent has the edges divided by 2^k: the rows each rank's activations hold at that level.
+    """
+    full = bands.height
+    ratio = full // height if height and full % height == 0 else 0
+    if ratio == 0 or ratio & (ratio - 1) or any(e % ratio for e in bands.edges):
+        raise BandParallelError(
+            f"band-parallel: a residual of {height} rows matches no UNet level of a {full}-row latent cut into bands "
+            f"{bands.edges} (levels are the latent halved while the band edges stay whole): a ControlNet or adapter "
+            "made for another latent size; match its input image to the latent, or run on one device")
+    return Bands(tuple(e // ratio for e in bands.edges))
+
+
+def split_control(control: dict | None, bands: Bands, rank: int) -> dict | None:
+    """Rank `rank`'s rows of a UNet's `control` argument (ControlNet, T2I-Adapter, ControlLoRA).
+
+    `control` is {"input": [...], "middle": [...], "output": [...]}, each entry a residual
+    (B, C, h, W) at the resolution of the UNet level it is added to, or None; the UNet adds it
+    to its activations there, so each rank takes the rows of its band at that level
+    (`level_bands`). Returns new lists (the UNet pops from them) of views, or None.
+    """
+    if control is None:
+        return None
+    out = {}
+    for key, items in control.items():
+        if not isinstance(items, (list, tuple)):
+            raise BandParallelError(f"band-parallel: control[{key!r}] is a {type(items).__name__}, not a list of "
+                                    "residuals; this ControlNet kind is not supported band-parallel: run on one device")
+        band = []
+        for t in items:
+            if t is not None:
+                if not isinstance(t, torch.Tensor) or t.ndim != 4:
+                    raise BandParallelError(f"band-parallel: control[{key!r}] holds a {type(t).__name__} of shape "
+                                            f"{getattr(t, 'shape', None)}, not a (B, C, H, W) residual: run on one "
+                                            "device")
+                b = level_bands(bands, t.shape[-2])
+                t = t[..., b.edges[rank]:b.edges[rank + 1], :]
+            band.append(t)
+        out[key] = band
+    return out
 
 
 @dataclass(frozen=True)
@@ -681,8 +730,8 @@ def launch(fn: Callable, world: int, args: tuple = (), *, backend: str = "gloo",
 
 
 __all__ = ["BandParallel", "BandParallelError", "Bands", "ConvPlan", "Halo", "WorkerError", "band_parallel",
-           "check_conv_fit", "conv_plan", "conv_settings", "conv_settings_applied", "launch", "replaced_forwards",
-           "serve", "split_rows"]
+           "check_conv_fit", "conv_plan", "conv_settings", "conv_settings_applied", "launch", "level_bands",
+           "replaced_forwards", "serve", "split_control", "split_rows"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -690,6 +739,11 @@ __all__ = ["BandParallel", "BandParallelError", "Bands", "ConvPlan", "Halo", "Wo
 
 
 def _to(t: Any, device: torch.device) -> Any:
+    """Tensors moved to `device`, also inside dicts and lists (a ControlNet's residuals)."""
+    if isinstance(t, dict):
+        return {k: _to(v, device) for k, v in t.items()}
+    if isinstance(t, (list, tuple)):
+        return type(t)(_to(v, device) for v in t)
     return t.to(device) if isinstance(t, torch.Tensor) else t
 
 
@@ -701,7 +755,8 @@ def serve(rank: int, world: int, init_method: str, backend: str, timeout_s: floa
     ("load", payload) builds the model with build_unet(payload, device) from `builder_file` (a
     host-specific file loaded by path, so this module stays free of host imports);
     ("forward", x, args, kwargs, convs) runs this rank's band of one forward in step with rank 0,
-    with rank 0's conv settings (conv_settings, or None); ("stop",) leaves. Replies
+    with rank 0's conv settings (conv_settings, or None); kwargs may hold `control`, already cut
+    to this rank's rows (split_control); ("stop",) leaves. Replies
     ("ok"|"error", rank, text) go to `replies`. The worker also leaves when its parent process
     is gone. The process group is destroyed on the way out.
     """

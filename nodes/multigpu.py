@@ -39,6 +39,7 @@ from ..linfusion.parallel import (
     check_conv_fit,
     conv_settings,
     replaced_forwards,
+    split_control,
     split_rows,
 )
 from .schema import CATEGORY, schema
@@ -95,6 +96,12 @@ def _main_module_hidden():
         main.__dict__.update(saved)
         if "__spec__" not in saved:
             del main.__spec__
+
+
+def _cpu(control: dict) -> dict:
+    """A worker's residuals, copied to CPU memory for the queue (contiguous: only its rows travel)."""
+    return {k: [None if t is None else t.detach().to("cpu", copy=True).contiguous() for t in v]
+            for k, v in control.items()}
 
 
 class BandGroup:
@@ -171,9 +178,6 @@ class BandGroup:
 
     def forward(self, executor, config: dict, x, timesteps, context, y, control, transformer_options, **kwargs):
         """One UNet call split into bands; the full output on rank 0."""
-        if control is not None:
-            raise BandParallelError("LinFusion Multi-GPU: ControlNet residuals are not split into bands yet; "
-                                    "remove the ControlNet or the Multi-GPU node")
         patches = {k: sorted(v) for k, v in transformer_options.items() if k in ("patches", "patches_replace") and v}
         if patches:
             raise BandParallelError(f"LinFusion Multi-GPU: the model carries patches ({patches}) "
@@ -186,15 +190,19 @@ class BandGroup:
                 f"LinFusion Multi-GPU: {len(replaced)} UNet modules have a replaced forward (e.g. {replaced[0]!r}: "
                 "another node's patch, or a low-memory banded resnet) that the worker devices would not run; "
                 "remove that node or the Multi-GPU node")
+        bands = split_rows(x.shape[-2], self.world)
+        # ControlNet / T2I-Adapter residuals: each rank gets the rows of its band at every level
+        controls = [split_control(control, bands, r) for r in range(self.world)]
         self.load(unet, config)
         extra = {} if y is None else {"y": y.cpu()}
         convs = conv_settings(unet)  # DemoFusion's dilated branch changes them on rank 0's UNet
-        for q in self.requests:
-            q.put(("forward", x.cpu(), (timesteps.cpu(), context.cpu()), extra, convs))
+        for r, q in enumerate(self.requests, 1):
+            kw = extra if controls[r] is None else {**extra, "control": _cpu(controls[r])}
+            q.put(("forward", x.cpu(), (timesteps.cpu(), context.cpu()), kw, convs))
         self.busy = True
         try:
             with band_parallel(unet, timeout_s=self.timeout_s) as bp:
-                out = bp.forward(lambda xb: executor(xb, timesteps, context, y, control, transformer_options,
+                out = bp.forward(lambda xb: executor(xb, timesteps, context, y, controls[0], transformer_options,
                                                      **kwargs), x)
         except BaseException as e:
             failure = self._failure(e)

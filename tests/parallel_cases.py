@@ -74,6 +74,41 @@ CASES = {
 }
 
 
+# ControlNet-style residuals (random, of each level's shape) on the SD1.5 layout: (world, height)
+CONTROL_SHAPES = [UNEVEN2, UNEVEN3]
+
+
+def control_dict(net: torch.nn.Module, height: int, batch: int = 2) -> dict:
+    """A synthetic `control` argument for `net` at latent `height`: a random residual for every
+    input block, the middle block and every skip, in the order the UNet pops them, with None at
+    a few places (as T2I-Adapters leave levels out). Shapes from a forward with hooks."""
+    x, args, kw = inputs("sd15", height, batch)
+    shapes: dict[str, list] = {"input": [], "middle": []}
+    # the UNet calls its blocks' layers one by one (forward_timestep_embed): hook each block's last
+    hooks = [b[-1].register_forward_hook(lambda m, a, o: shapes["input"].append(tuple(o.shape)))
+             for b in net.input_blocks]
+    hooks.append(net.middle_block[-1].register_forward_hook(lambda m, a, o: shapes["middle"].append(tuple(o.shape))))
+    with torch.no_grad():
+        net(x, *args, **kw)
+    for h in hooks:
+        h.remove()
+    g = torch.Generator().manual_seed(100 + height)
+
+    def rand(shape):
+        return torch.randn(shape, generator=g) * 0.5
+
+    ins = shapes["input"]
+    assert len(ins) == len(net.input_blocks) and len(shapes["middle"]) == 1, shapes
+    return {"input": [None if i % 4 == 1 else rand(s) for i, s in enumerate(reversed(ins))],  # popped from the end
+            "middle": [rand(shapes["middle"][0])],
+            "output": [None if i % 5 == 2 else rand(s) for i, s in enumerate(ins)]}  # popped like the skips
+
+
+def control_fresh(control: dict) -> dict:
+    """A copy with new lists: the UNet pops residuals from the lists it is given."""
+    return {k: list(v) for k, v in control.items()}
+
+
 def references() -> dict:
     """Single-process outputs of every case and shape: {(case, world, height): (B, 4, H, W)}."""
     torch.set_num_threads(1)
@@ -84,6 +119,11 @@ def references() -> dict:
             x, args, kw = inputs(case[0], height)
             with torch.no_grad():
                 out[(case, w, height)] = net(x, *args, **kw)
+    net = unet("sd15")
+    for w, height in CONTROL_SHAPES:
+        x, args, kw = inputs("sd15", height)
+        with torch.no_grad():
+            out[("control", w, height)] = net(x, *args, control=control_fresh(control_dict(net, height)), **kw)
     return out
 
 
@@ -107,6 +147,18 @@ def run_cases(rank: int, world: int) -> dict:
             out["outputs"][(case, w, height)] = y.numpy()
             out["bytes"][(case, w, height)] = dict(bp.bytes_sent)
             out["leftovers"] += patched_leftovers(net)
+    # ControlNet residuals: each rank adds the rows of its band at every level
+    net = unet("sd15")
+    for w, height in CONTROL_SHAPES:
+        if rank >= w:
+            continue
+        x, args, kw = inputs("sd15", height)
+        control = control_dict(net, height)
+        with par.band_parallel(net, groups[w], timeout_s=30) as bp, torch.no_grad():
+            y = bp.forward(net, x, *args, control=par.split_control(control, bp.bands(height), rank), **kw)
+        out["outputs"][("control", w, height)] = y.numpy()
+        out["bytes"][("control", w, height)] = dict(bp.bytes_sent)
+    out["leftovers"] += patched_leftovers(net)
     # other_attention="error" refuses the gathered softmax branch with a clear message
     net = unet("sd15", HYBRID_TOKENS)
     x, args, kw = inputs("sd15", 32)

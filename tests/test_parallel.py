@@ -94,8 +94,16 @@ def test_unet_layouts_band_parallel_equal_single_process():
     res = par.launch(pc.run_cases, 3, timeout_s=60, threads=1)
     assert not multiprocessing.active_children()
     refs = pc.references()
-    assert len(refs) == 8
+    assert len(refs) == 10
     for key, ref in refs.items():
+        if key[0] == "control":  # SD1.5 with ControlNet-style residuals at every level, uneven bands
+            _, world, height = key
+            plain = refs[(("sd15", 0, True), world, height)]  # the same call without residuals
+            assert (ref - plain).abs().max().item() > 0.1  # the residuals were applied, not skipped
+            for rank in range(world):
+                err = (torch.from_numpy(res[rank]["outputs"][key]) - ref).abs().max().item()
+                assert err < TOL, (key, rank, err)
+            continue
         (kind, hybrid, linfusion), world, height = key
         for rank in range(world):
             out = torch.from_numpy(res[rank]["outputs"][key])
@@ -149,3 +157,91 @@ def test_torchrun_stage_script_matches_one_process(tmp_path):
     err = float(re.search(r"max abs difference of the final latents: ([\d.e+-]+)", out).group(1))
     assert err < 1e-4, out[-2000:]  # measured 1.1e-5 (cfg 5 multiplies the per-call 3e-6)
     assert not multiprocessing.active_children()
+
+
+def _stage_cmd(*args: str) -> list[str]:
+    return [str(REPO / "scripts" / "band_parallel_stage.py"), "--device", "cpu", "--timeout", "60", *args]
+
+
+def test_torchrun_stage_real_checkpoint_matches_one_process(tmp_path, lf):
+    """The real mode of scripts/band_parallel_stage.py: a checkpoint ComfyUI's loader detects as
+    SD1.5 (small UNet, full CLIP-L and VAE), official-format LinFusion weights given by path, a
+    prompt and a negative prompt, an input image VAE-encoded on rank 0, 2 Euler steps at denoise
+    0.5 and cfg 5. Under torchrun with 2 CPU processes (gloo) the latent rank 0 writes equals the
+    one a single process of the same script writes, and both ranks end with the same bytes."""
+    import os
+    import re
+    import subprocess
+
+    import numpy as np
+    import parallel_checkpoint
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    ckpt = parallel_checkpoint.small_sd15_checkpoint()
+    weights = parallel_checkpoint.small_linfusion_weights(lf)
+    image = tmp_path / "in.png"  # 64 x 128 px: a 16-row latent, bands of 8 rows
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (128, 64, 3), dtype=np.uint8)).save(image)
+    stage = ["--checkpoint", str(ckpt), "--linfusion", str(weights), "--prompt", "a castle on a hill",
+             "--negative", "blurry", "--image", str(image), "--steps", "2", "--denoise", "0.5", "--cfg", "5",
+             "--seed", "3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    torchrun = Path(sys.executable).with_name("torchrun")
+    # both at once (3 processes on the test machine's 2 cores beat 2 + 1 in a row)
+    runs = {"two": subprocess.Popen([str(torchrun), "--standalone", "--nproc-per-node", "2",
+                                     *_stage_cmd(*stage, "--out", str(tmp_path / "two.safetensors"))],
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path),
+            "one": subprocess.Popen([sys.executable, *_stage_cmd(*stage, "--out", str(tmp_path / "one.safetensors"))],
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)}
+    out = {}
+    try:
+        for name, p in runs.items():
+            out[name] = p.communicate(timeout=240)[0]
+            assert p.returncode == 0, out[name][-3000:]
+    finally:
+        for p in runs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    two = out["two"]
+    assert "LinFusion: 16 self-attention layers of SD1.x replaced" in two
+    assert "latent (1, 4, 16, 8), 2 ranks" in two and "bands (0, 8, 16)" in two
+    assert "2 UNet calls band-parallel on 2 ranks" in two  # cond and uncond batched: one call per step
+    assert "rank 1: 2 band calls" in two
+    shas = re.findall(r"sha256 ([0-9a-f]{16})", two)
+    assert len(shas) == 2 and shas[0] == shas[1], two[-2000:]  # rank 1's and rank 0's final latent
+    assert not (tmp_path / ".two.safetensors.part").exists()
+    banded, single = (load_file(str(tmp_path / f"{n}.safetensors")) for n in ("two", "one"))
+    assert sorted(banded) == ["latent_format_version_0", "latent_tensor"]  # ComfyUI's Save Latent format
+    a, b = banded["latent_tensor"], single["latent_tensor"]
+    assert a.shape == b.shape == (1, 4, 16, 8)
+    err, scale = (a - b).abs().max().item(), b.abs().max().item()
+    # fp32, bands sum the same terms in another order; cfg 5 multiplies the per-call differences.
+    # Measured 6.9e-5 max abs on latents up to 23 (3e-6 relative): a relative bound, 1e-5.
+    assert err <= 1e-5 * scale, (err, scale)
+    assert scale > 1.0
+
+
+def test_stage_latent_files(tmp_path, capsys):
+    """--latent reads key 'latent' as it is and ComfyUI's Save Latent format as Load Latent does;
+    --out writes the Save Latent format atomically."""
+    import band_parallel_stage as st
+    from safetensors.torch import save_file
+
+    x = torch.randn(1, 4, 16, 8)
+    save_file({"latent": x}, str(tmp_path / "plain.safetensors"))
+    assert torch.equal(st.read_latent(tmp_path / "plain.safetensors"), x)
+    st.write_latent(tmp_path / "saved.safetensors", x, {"k": "v"})
+    assert torch.equal(st.read_latent(tmp_path / "saved.safetensors"), x)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    save_file({"latent_tensor": x}, str(tmp_path / "old.safetensors"))  # before latent_format_version_0
+    assert torch.allclose(st.read_latent(tmp_path / "old.safetensors"), x / 0.18215)
+    save_file({"samples": x}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(SystemExit, match=r"no tensor named 'latent' or 'latent_tensor' \(it has \['samples'\]\)"):
+        st.read_latent(tmp_path / "other.safetensors")
+    with pytest.raises(SystemExit):
+        st.parse_args(["--checkpoint", "x.safetensors", "--out", "o.safetensors"])  # no input
+    assert "needs the stage's input: --latent IN.safetensors or --image IN.png" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        st.parse_args(["--latent", "x.safetensors"])  # real-mode input without --checkpoint
+    assert "--latent belong to the real mode: add --checkpoint PATH" in capsys.readouterr().err
