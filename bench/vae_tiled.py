@@ -59,11 +59,9 @@ def host(px: int, tile: int) -> None:
         H.vae_decode(vae, lat[..., :8, :8], 0)  # warm-up
         for name, fn in cases.items():
             calls.clear()
-            t0 = time.perf_counter()
             seconds, peak = measure_once(fn, torch.device("cpu"))
             print(f"| {name} | {seconds:.1f} | {len(calls)} | {peak / 2**20:.0f} | {peak / image_bytes:.2f} |",
                   flush=True)
-            del t0
 
 
 def device(tiles) -> None:
@@ -83,13 +81,10 @@ def device(tiles) -> None:
     for t in tiles:
         t0 = time.perf_counter()
         row = []
-        for what, make, run in (("decoder", lambda: torch.empty(1, 4, t // 8, t // 8, dtype=torch.float16,
-                                                                 device="meta"), ae.decode),
-                                ("encoder", lambda: torch.empty(1, 3, t, t, dtype=torch.float16, device="meta"),
-                                 ae.encode)):
+        for what, shape, run in (("decoder", (1, 4, t // 8, t // 8), ae.decode), ("encoder", (1, 3, t, t), ae.encode)):
             tracker = LiveBytes("meta")
             with tracker, torch.no_grad(), fused_cross_attention():
-                x = make()
+                x = torch.empty(shape, dtype=torch.float16, device="meta")
                 tracker.reset_peak()
                 base = tracker.live
                 out = run(x)

@@ -436,7 +436,7 @@ class SkipConcat:
     Counters: `deferred`."""
 
     def __init__(self, unet: nn.Module, blocks: Iterable[nn.Module], min_bytes: int | None = None,
-                 parking: "SkipParking | None" = None):
+                 parking: SkipParking | None = None):
         self.unet = unet
         self.blocks = {id(b) for b in blocks}
         self.min_bytes = min_bytes

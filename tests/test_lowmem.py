@@ -391,9 +391,8 @@ def test_banded_upsample_equals_layer(lm):
     """Nearest x2 + conv over 8-row bands of the output (odd and even band starts, the conv's
     halo) against the Upsample layer; an explicit output_shape other than 2x, and small maps,
     take the layer's own forward."""
-    from comfy.ldm.modules.diffusionmodules.openaimodel import Upsample
-
     import comfy.ops
+    from comfy.ldm.modules.diffusionmodules.openaimodel import Upsample
 
     g = torch.Generator().manual_seed(7)
     up = Upsample(24, True, dims=2, out_channels=16, operations=comfy.ops.disable_weight_init).eval()

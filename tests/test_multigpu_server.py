@@ -118,14 +118,16 @@ def test_multigpu_node_through_the_server(server):
     server.get_json("/queue")  # the server answers
     server._request("/free", {"unload_models": True})
     wait_until(lambda: gone(first[0]), 30, f"worker {first[0]} exits after /free")
-    assert "LinFusion Multi-GPU: group closed (its model was unloaded)" in server.log_text()
+    # the server logs the close once it has joined the worker: shortly after the process is gone
+    wait_until(lambda: "LinFusion Multi-GPU: group closed (its model was unloaded)" in server.log_text(), 10,
+               "the close is logged with its reason")
 
     # the next prompt starts a new group and still gives the single-device latent. (Sampling the
     # plain graph after a Multi-GPU one also closes a group: ComfyUI drops the node's cached
     # clone, the last ModelPatcher carrying the wrapper; so the plain runs go first here.)
     single2 = run_latent(server, 2, multigpu=False)
     banded2 = run_latent(server, 2, multigpu=True)
-    assert rel_err(banded2, single2) < REL_TOL
+    assert rel_err(banded2, single2) < REL_TOL, (rel_err(banded2, single2), rel_err(single2, single))
     second = groups(server)[1]
     assert second != first and not gone(second[0])
 

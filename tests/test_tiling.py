@@ -83,7 +83,8 @@ def test_vae_tiles_decoded_once_and_blend_seamlessly(pack, monkeypatch):
         whole = vae.decode(lat)
         decodes = []
         own = vae.first_stage_model.decode
-        monkeypatch.setattr(vae.first_stage_model, "decode", lambda z, **k: decodes.append(tuple(z.shape)) or own(z, **k))
+        monkeypatch.setattr(vae.first_stage_model, "decode",
+                            lambda z, **k: decodes.append(tuple(z.shape)) or own(z, **k))
         tiled = H.vae_decode(vae, lat, 128)  # 16-latent tiles, 4-latent (32 px = a quarter tile) overlap
         sp = pack.linfusion.tiling.spans
         n = len(sp(24, 16, 4)) * len(sp(40, 16, 4))
