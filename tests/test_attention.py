@@ -6,6 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+pytestmark = pytest.mark.pure  # linfusion/attention.py alone: one ComfyUI version suffices (.ci/run)
+
 
 def reference_attention(q, k, v, eps=1e-4):
     """Straight from the reference: phi = elu+1, kv = (phi(k)^T/sqrt(N)) (v/sqrt(N)),

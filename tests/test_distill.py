@@ -86,6 +86,7 @@ def assert_unchanged(unet, snap) -> None:
 
 
 # -- the training loop ------------------------------------------------------------------------------
+@pytest.mark.pure  # the training loop of linfusion/distill.py alone
 def test_100_steps_bring_the_student_to_the_teacher(D, capsys):
     model = helpers.small_model("sd15")
     unet = model.model.diffusion_model

@@ -29,6 +29,7 @@ import linfusion.parallel as par  # noqa: E402  (top-level: the workers import t
 TOL = 1e-5  # fp32 max abs: the band path sums the same terms in a different order
 
 
+@pytest.mark.pure
 def test_split_rows_even_uneven_and_clear_errors():
     assert par.split_rows(32, 2).edges == (0, 16, 32)
     assert par.split_rows(40, 3).edges == (0, 16, 32, 40)  # 5 units of 8 rows: 2, 2, 1
@@ -39,6 +40,7 @@ def test_split_rows_even_uneven_and_clear_errors():
         par.split_rows(16, 3)
 
 
+@pytest.mark.pure
 def test_conv_plan_same_strided_and_dilated():
     bands = par.split_rows(32, 3)  # (0, 16, 24, 32)
     same = par.conv_plan(bands, 3, 1, 1)
@@ -65,6 +67,7 @@ def single_rank_group(tmp_path):
     assert not dist.is_initialized()
 
 
+@pytest.mark.pure
 def test_patches_undone_after_use_and_after_error(single_rank_group):
     net = parallel_tiny.tiny()
     x = parallel_tiny.latent(16)
@@ -83,11 +86,13 @@ def test_patches_undone_after_use_and_after_error(single_rank_group):
         assert torch.equal(net(x), before)  # bit-identical once unpatched
 
 
+@pytest.mark.pure
 def test_other_attention_option_is_checked(single_rank_group):
     with pytest.raises(par.BandParallelError, match="other_attention='drop'"):
         par.BandParallel(other_attention="drop")
 
 
+@pytest.mark.pure
 def test_unet_layouts_band_parallel_equal_single_process():
     import parallel_cases as pc  # imports ComfyUI: in the test, not at collection
 
@@ -129,6 +134,7 @@ def test_unet_layouts_band_parallel_equal_single_process():
     assert "other_attention='gather'" in res[0]["refusal"]
 
 
+@pytest.mark.pure
 def test_killed_worker_fails_fast_naming_the_rank():
     start = time.monotonic()
     with pytest.raises(par.WorkerError, match=r"rank 1 died \(exit code -9\)") as info:
@@ -139,6 +145,7 @@ def test_killed_worker_fails_fast_naming_the_rank():
     assert "rank 0" not in str(info.value) or "band-parallel rank 0/2" in str(info.value)
 
 
+@pytest.mark.pure
 def test_torchrun_stage_script_matches_one_process(tmp_path):
     """scripts/band_parallel_stage.py under torchrun (2 processes, gloo): 3 Euler steps of a
     high-res stage at cfg 5 equal rank 0's single-process run of the same stage."""
