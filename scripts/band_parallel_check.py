@@ -31,6 +31,41 @@ for p in (REPO, REPO / "tests", REPO / "scripts"):
         sys.path.insert(0, str(p))
 
 
+def random_linfusion_model(layout: str, channels: int | None, device: str, timeout: float):
+    """Set up ComfyUI (comfy_env), join the torchrun process group (NCCL on GPUs, gloo on CPU) and
+    build the layout's model with random weights and LinFusion in every attn1 (the same on every
+    rank: fixed seeds). Returns (model, this rank's device, compute dtype); the caller moves the
+    model there and destroys the group when done (here on a failure while building)."""
+    import comfy_env
+
+    comfy_env.setup(cpu=device == "cpu")
+    import helpers
+    import torch
+    import torch.distributed as dist
+
+    import linfusion
+
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    dev = torch.device("cuda", local) if device == "cuda" else torch.device("cpu")
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout))
+    try:
+        dtype = torch.float16 if dev.type == "cuda" else torch.float32
+        model = helpers.base_model(layout, channels)
+        helpers.fill_random(model, seed=0)
+        unet = model.diffusion_model
+        mods = helpers.lf_modules(linfusion, layout, unet)
+        weights = linfusion.LinFusionWeights(mods, helpers.random_state(linfusion, mods, dtype=torch.float32))
+        plan = linfusion.plan_replacements(weights, unet)
+        for path, layer in linfusion.build_replacements(weights, plan, {}).items():
+            unet.set_submodule(path, layer)
+        return model, dev, dtype
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layout", choices=("sd15", "sd21", "sdxl"), default="sd15")
@@ -41,33 +76,17 @@ def main() -> None:
     ap.add_argument("--check", action="store_true", help="rank 0 also runs the single-process forward and compares")
     a = ap.parse_args()
 
-    import comfy_env
-
-    comfy_env.setup(cpu=a.device == "cpu")
-    import helpers
     import torch
     import torch.distributed as dist
 
-    import linfusion
-    import linfusion.parallel as par
-
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    dev = torch.device("cuda", local) if a.device == "cuda" else torch.device("cpu")
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=timedelta(seconds=a.timeout))
+    model, dev, dtype = random_linfusion_model(a.layout, a.channels, a.device, a.timeout)
     try:
+        import helpers
+
+        import linfusion.parallel as par
+
         rank = dist.get_rank()
-        dtype = torch.float16 if dev.type == "cuda" else torch.float32
-        model = helpers.base_model(a.layout, a.channels)
-        helpers.fill_random(model, seed=0)
-        unet = model.diffusion_model
-        mods = helpers.lf_modules(linfusion, a.layout, unet)
-        weights = linfusion.LinFusionWeights(mods, helpers.random_state(linfusion, mods, dtype=torch.float32))
-        plan = linfusion.plan_replacements(weights, unet)
-        for path, layer in linfusion.build_replacements(weights, plan, {}).items():
-            unet.set_submodule(path, layer)
-        unet = unet.to(dev, dtype).eval().requires_grad_(False)
+        unet = model.diffusion_model.to(dev, dtype).eval().requires_grad_(False)
         g = torch.Generator().manual_seed(0)
         lat = a.px // 8
         x = torch.randn(2, 4, lat, lat, generator=g).to(dev, dtype)

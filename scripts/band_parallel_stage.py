@@ -446,36 +446,22 @@ def _real_stage(a, rank: int, world: int, local: int, dev, links: Path) -> None:
 
 def random_stage(a: argparse.Namespace) -> None:
     """The random-weight stage (no --checkpoint): a quick check of a setup, and --check against one process."""
-    for p in (REPO, REPO / "tests"):  # tests/helpers builds the layout; never in the real mode
+    for p in (REPO, REPO / "tests", REPO / "scripts"):  # tests/helpers builds the layout; never in the real mode
         if str(p) not in sys.path:
             sys.path.insert(0, str(p))
-    import comfy_env
-
-    comfy_env.setup(cpu=a.device == "cpu")
-    import comfy.samplers
-    import helpers
     import torch
     import torch.distributed as dist
+    from band_parallel_check import random_linfusion_model
 
-    import linfusion
-    import linfusion.parallel as par
-
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    dev = torch.device("cuda", local) if a.device == "cuda" else torch.device("cpu")
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=timedelta(seconds=a.timeout))
+    model, dev, dtype = random_linfusion_model(a.layout, a.channels, a.device, a.timeout)
     try:
+        import comfy.samplers
+        import helpers
+
+        import linfusion.parallel as par
+
         rank, world = dist.get_rank(), dist.get_world_size()
-        dtype = torch.float16 if dev.type == "cuda" else torch.float32
-        model = helpers.base_model(a.layout, a.channels)
-        helpers.fill_random(model, seed=0)
         unet = model.diffusion_model
-        mods = helpers.lf_modules(linfusion, a.layout, unet)
-        weights = linfusion.LinFusionWeights(mods, helpers.random_state(linfusion, mods, dtype=torch.float32))
-        plan = linfusion.plan_replacements(weights, unet)
-        for path, layer in linfusion.build_replacements(weights, plan, {}).items():
-            unet.set_submodule(path, layer)
         model = model.to(dev, dtype).eval().requires_grad_(False)
         lat = a.px // 8
         bands = par.split_rows(lat, world)  # refuses a latent that does not split before any work
