@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import comfy.model_base
@@ -16,6 +18,7 @@ import comfy.model_patcher
 import comfy.sample
 import comfy.samplers
 import comfy.supported_models as sm
+import comfy.utils
 import torch
 from safetensors.torch import save_file
 
@@ -146,3 +149,25 @@ def sample(model, kind: str, latent_hw=(16, 16), steps: int = 4, seed: int = 42,
     pos, neg = conds(kind, batch, width=w * 8, height=h * 8)
     return comfy.sample.sample(model, noise, steps, cfg, sampler, scheduler, pos, neg, latent, seed=seed,
                                callback=callback, disable_pbar=True)
+
+
+@contextmanager
+def progress_hook(fn: Callable) -> Iterator[None]:
+    """ComfyUI's global progress-bar hook is `fn` for the block (as the server sets its own), the
+    previous one put back afterwards whatever happens."""
+    old = comfy.utils.PROGRESS_BAR_HOOK
+    comfy.utils.set_progress_bar_global_hook(fn)
+    try:
+        yield
+    finally:
+        comfy.utils.set_progress_bar_global_hook(old)
+
+
+def interrupt_at(value: int) -> Callable:
+    """A progress hook that raises ComfyUI's interrupt when the bar reaches `value` (Cancel)."""
+
+    def hook(v, total, preview, **_kw):
+        if v == value:
+            raise comfy.model_management.InterruptProcessingException()
+
+    return hook

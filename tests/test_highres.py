@@ -425,17 +425,9 @@ def test_model_left_untouched_also_when_interrupted(H, model):
     assert_unchanged(model, before)
 
     # 1. interrupt from the progress bar at step 1 of stage 2 (as the server's hook does)
-    def hook(value, total, preview, **_kw):
-        if value == 4:
-            raise comfy.model_management.InterruptProcessingException()
-
-    old = comfy.utils.PROGRESS_BAR_HOOK
-    comfy.utils.set_progress_bar_global_hook(hook)
-    try:
-        with pytest.raises(comfy.model_management.InterruptProcessingException):
-            run(H, model, (128, 128), base, low_memory=True)
-    finally:
-        comfy.utils.set_progress_bar_global_hook(old)
+    with helpers.progress_hook(helpers.interrupt_at(4)), \
+            pytest.raises(comfy.model_management.InterruptProcessingException):
+        run(H, model, (128, 128), base, low_memory=True)
     assert_unchanged(model, before)
 
     # 2. an exception raised inside the dilated branch (convs dilated, ff chunked at that moment)

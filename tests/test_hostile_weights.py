@@ -322,12 +322,8 @@ def test_cancel_stops_the_download(lf, node_classes, sd15, linfusion_dir, hub):
 
 def test_download_reports_progress(lf, node_classes, sd15, linfusion_dir, hub):
     calls = []
-    previous = comfy.utils.PROGRESS_BAR_HOOK
-    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: calls.append((value, total)))
-    try:
+    with helpers.progress_hook(lambda value, total, preview, node_id=None: calls.append((value, total))):
         apply(node_classes, sd15, "auto")
-    finally:
-        comfy.utils.set_progress_bar_global_hook(previous)
     kib = len(hub.files[f"{SD15_REPO}/diffusion_pytorch_model.safetensors"]) >> 10
     assert calls and calls[-1] == (kib, kib)
     assert [v for v, _ in calls] == sorted(v for v, _ in calls)

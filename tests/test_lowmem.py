@@ -219,17 +219,9 @@ def test_patches_undone_after_sampling_and_interrupt(pack, LM, lm, monkeypatch):
     # 3 steps at stage 1: local + dilated branch, each cond alone; 12 skips parked per UNet call
     assert len(parks) > 0 and len(parks) % len(unet.input_blocks) == 0
 
-    def hook(value, total, preview, **_kw):
-        if value == 2:
-            raise comfy.model_management.InterruptProcessingException()
-
-    old = comfy.utils.PROGRESS_BAR_HOOK
-    comfy.utils.set_progress_bar_global_hook(hook)
-    try:
-        with pytest.raises(comfy.model_management.InterruptProcessingException):
-            run(True)
-    finally:
-        comfy.utils.set_progress_bar_global_hook(old)
+    with helpers.progress_hook(helpers.interrupt_at(2)), \
+            pytest.raises(comfy.model_management.InterruptProcessingException):
+        run(True)
     assert _state(model, unet) == before
 
     conv = unet.output_blocks[9][0].out_layers[3]
@@ -298,9 +290,7 @@ def test_low_memory_estimate_while_sampling_and_restored(lf, pack, LM, node_clas
     g = torch.Generator().manual_seed(3)
     lat = {"samples": torch.randn(1, 4, 8, 8, generator=g) * 5}
     pos, neg = helpers.conds("sd15")
-    old = comfy.utils.PROGRESS_BAR_HOOK
-    comfy.utils.set_progress_bar_global_hook(hook)
-    try:
+    with helpers.progress_hook(hook):
         for low in (True, False):
             mode[0] = low
             s = H.HighResSettings(seed=7, steps=10, cfg=5.0, sampler_name="euler", scheduler="normal",
@@ -313,8 +303,6 @@ def test_low_memory_estimate_while_sampling_and_restored(lf, pack, LM, node_clas
         seen["plain"] = []
         with torch.inference_mode():
             H.run_stages(plain, pos, neg, lat, None, (128, 128), dataclasses.replace(s, low_memory=True))
-    finally:
-        comfy.utils.set_progress_bar_global_hook(old)
     low_est = lf.memory.low_memory_inference_bytes([1, 4, 2048, 1024], 4, True)
     normal_est = pack.nodes.apply.linfusion_memory_required(lf_base, big)
     # the last progress update of a run comes after sampling, when no wrapper is active
