@@ -7,7 +7,8 @@ import uuid
 
 import comfy.model_management
 import comfy.utils
-from comfy.patcher_extension import WrappersMP
+import torch
+from comfy.patcher_extension import CallbacksMP, WrappersMP
 from comfy_api.latest import io
 
 from ..linfusion.attention import LinFusionAttention
@@ -21,7 +22,7 @@ from ..linfusion.patching import (
     operations_like,
     plan_replacements,
 )
-from . import weights_store
+from . import loaders, weights_store
 from .schema import CATEGORY, schema
 
 log = logging.getLogger("ComfyUI-LinFusion")
@@ -113,6 +114,7 @@ def sampling_wrapper(paths: list[str], softmax_max_tokens: int):
 
     def wrapper(executor, *args, **kwargs):
         patcher = executor.class_obj.model_patcher
+        loaders.settle_before_load(patcher, paths)
         if softmax_max_tokens > 0:
             bind_softmax_layers(patcher, paths)
             mirror_patches_to_softmax(patcher, paths)
@@ -152,21 +154,35 @@ def apply_linfusion(model, weights_choice: str, softmax_max_tokens: int = 0):
         path = weights_store.resolve(weights_choice)
     weights = weights_store.CACHE.get(path)
     plan = plan_replacements(weights, unet)
-    originals = {r.path: original_layer(model, r.path) for r in plan}
-    sample = originals[plan[0].path].to_q.weight
-    layers = build_replacements(
-        weights, plan, originals,
-        operations_for=lambda p: operations_like(unet, p),
-        dtype=sample.dtype if sample.is_floating_point() and sample.element_size() >= 2 else None,
-        device=model.offload_device,
-        softmax_max_tokens=softmax_max_tokens,
-    )
+
+    def build(patcher):
+        """The LinFusion layers for the model `patcher` wraps: ComfyUI's layer classes, dtype and
+        offload device of that model, the hybrid softmax path bound to its own attention."""
+        target = patcher.get_model_object("diffusion_model")
+        originals = {r.path: original_layer(patcher, r.path) for r in plan}
+        sample = originals[plan[0].path].to_q.weight
+        layers = build_replacements(
+            weights, plan, originals,
+            operations_for=lambda p: operations_like(target, p),
+            dtype=sample.dtype if sample.is_floating_point() and sample.element_size() >= 2 else None,
+            device=patcher.offload_device,
+            softmax_max_tokens=softmax_max_tokens,
+        )
+        for p, layer in layers.items():  # 0.38's attention child, target of "config" patches
+            if isinstance(getattr(originals[p], "comfy_attention", None), torch.nn.Module):
+                layer.comfy_attention = originals[p].comfy_attention
+        return layers
+
+    layers = build(model)
     m = model.clone()
     for path_, layer in layers.items():
         m.add_object_patch(PREFIX + path_, layer)
+    m.object_patches = loaders.layers_first(m.object_patches, layers)
     if softmax_max_tokens > 0:
         mirror_patches_to_softmax(m, list(layers))
     m.add_wrapper(WrappersMP.OUTER_SAMPLE, sampling_wrapper(list(layers), softmax_max_tokens))
+    m.set_injections(loaders.INJECTION_KEY, [loaders.backup_injection(list(layers))])
+    m.add_callback(CallbacksMP.ON_CLONE, loaders.LayerSets(build, model.model, layers).on_clone)
     summary = (f"LinFusion: {len(layers)} self-attention layers of {fam.label if fam else 'the model'} replaced "
                f"with {path}" + (f"; softmax kept at <= {softmax_max_tokens} tokens" if softmax_max_tokens else ""))
     log.info(summary)

@@ -201,6 +201,14 @@ SYMBOLS: dict[str, tuple[int, tuple[str, ...]] | None] = {
     "comfy.patcher_extension.add_wrapper_with_key": (4, ()),
     "comfy.model_patcher.ModelPatcher.add_wrapper_with_key": (4, ()),
     "comfy.ldm.modules.diffusionmodules.openaimodel.UNetModel": None,
+    # the newest loaders (nodes/loaders.py): backups settled by path, one layer set per model
+    "comfy.patcher_extension.PatcherInjection": (0, ("inject", "eject")),
+    "comfy.patcher_extension.CallbacksMP.ON_CLONE": None,
+    "comfy.model_patcher.ModelPatcher.set_injections": (3, ()),
+    "comfy.model_patcher.ModelPatcher.add_callback": (3, ()),
+    "comfy.utils.set_attr": (3, ()),
+    "comfy.utils.set_attr_param": (3, ()),
+    "comfy.utils.copy_to_param": (3, ()),
 }
 
 
