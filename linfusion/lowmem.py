@@ -454,7 +454,8 @@ class SkipConcat:
         if where[0] == "output" and isinstance(where[1], int) and where[1] < len(self.unet.output_blocks):
             first = self.unet.output_blocks[where[1]][0]
         limit = MIN_CHUNK_BYTES if self.min_bytes is None else self.min_bytes
-        if (first is None or id(first) not in self.blocks or "forward" not in vars(first) or h.ndim != 4
+        # hsp None: an earlier patch consumed the skip (newer UNet forwards then skip the concatenation)
+        if (hsp is None or first is None or id(first) not in self.blocks or "forward" not in vars(first) or h.ndim != 4
                 or hsp.shape[0] != h.shape[0] or hsp.shape[2:] != h.shape[2:]
                 or (h.shape[1] + hsp.shape[1]) * h[:, :1].numel() * h.element_size() < limit):
             return self.parking.fetch(h, hsp, transformer_options) if self.parking is not None else (h, hsp)

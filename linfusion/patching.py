@@ -140,18 +140,20 @@ def build_replacements(
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = "cpu",
     softmax_max_tokens: int = 0,
+    layer_class: type[LinFusionAttention] = LinFusionAttention,
 ) -> dict[str, LinFusionAttention]:
     """path -> a LinFusionAttention loaded with its weights.
 
     `operations_for(path)` gives the Linear/LayerNorm classes for each layer (see
     `operations_like`). With softmax_max_tokens > 0 (hybrid), each layer keeps the original module (from
-    `originals`) for inputs of at most that many tokens.
+    `originals`) for inputs of at most that many tokens. `layer_class`: LinFusionAttention or a
+    host's subclass of it.
     """
     out = {}
     for r in plan:
         with torch.device("meta"):
-            layer = LinFusionAttention(r.spec.dim, r.spec.heads, r.spec.mid_dim,
-                                       operations=operations_for(r.path), dtype=dtype)
+            layer = layer_class(r.spec.dim, r.spec.heads, r.spec.mid_dim, operations=operations_for(r.path),
+                                dtype=dtype)
         state = {k: v.to(dtype=dtype) if dtype is not None else v for k, v in weights.module_state(r.index).items()}
         layer = layer.to_empty(device=device)
         layer.load_state_dict(state, strict=True, assign=False)

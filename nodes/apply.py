@@ -7,7 +7,6 @@ import uuid
 
 import comfy.model_management
 import comfy.utils
-import torch
 from comfy.patcher_extension import CallbacksMP, WrappersMP
 from comfy_api.latest import io
 
@@ -167,17 +166,16 @@ def apply_linfusion(model, weights_choice: str, softmax_max_tokens: int = 0):
             dtype=sample.dtype if sample.is_floating_point() and sample.element_size() >= 2 else None,
             device=patcher.offload_device,
             softmax_max_tokens=softmax_max_tokens,
+            layer_class=loaders.ComfyLinFusionAttention,
         )
-        for p, layer in layers.items():  # 0.38's attention child, target of "config" patches
-            if isinstance(getattr(originals[p], "comfy_attention", None), torch.nn.Module):
-                layer.comfy_attention = originals[p].comfy_attention
+        for p, layer in layers.items():
+            layer.bind(originals[p])
         return layers
 
     layers = build(model)
     m = model.clone()
     for path_, layer in layers.items():
         m.add_object_patch(PREFIX + path_, layer)
-    m.object_patches = loaders.layers_first(m.object_patches, layers)
     if softmax_max_tokens > 0:
         mirror_patches_to_softmax(m, list(layers))
     m.add_wrapper(WrappersMP.OUTER_SAMPLE, sampling_wrapper(list(layers), softmax_max_tokens))

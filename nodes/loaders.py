@@ -21,6 +21,9 @@ Two facts of ComfyUI 0.38's `comfy/model_patcher.py` make a swapped-in module un
   threads). `LayerSets.on_clone` gives each model object its own layers, built like the
   first, and swaps them into the clone's object patches.
 
+And 0.38's CrossAttention has a `comfy_attention` child that "config" patches replace by object
+patch under `...attn1`: `ComfyLinFusionAttention` hands it through to the model's own attention.
+
 Nothing here changes what the classic ModelPatcher does: its unpatch order is already safe,
 and the settling runs for dynamic patchers only.
 """
@@ -127,10 +130,25 @@ class LayerSets:
                 clone.object_patches[key] = layer
 
 
-def layers_first(object_patches: dict, paths: Iterable[str]) -> dict:
-    """The object patches with those nested under a LinFusion layer (a "config" patch on
-    `<attn1>.comfy_attention`, 0.38) moved after the layers: ComfyUI applies and restores
-    object patches in one order, so a nested patch must come after the layer it lands in."""
-    prefixes = tuple(PREFIX + p + "." for p in paths)
-    nested = {k: v for k, v in object_patches.items() if k.startswith(prefixes)}
-    return {**{k: v for k, v in object_patches.items() if k not in nested}, **nested}
+class ComfyLinFusionAttention(LinFusionAttention):
+    """LinFusionAttention as the pack installs it: `comfy_attention` (0.38's child of CrossAttention
+    that "config" patches replace by object patch at `<attn1>.comfy_attention`) reads and writes
+    the model's own attention's. Such a patch then lands where it would without LinFusion (the
+    hybrid softmax path uses it), and ComfyUI restores it there, in either order of object
+    patches. `bind` sets the model's attention (kept out of the module tree)."""
+
+    def bind(self, original: torch.nn.Module) -> None:
+        object.__setattr__(self, "_comfy_original", original)
+
+    def __getattr__(self, name: str):
+        original = self.__dict__.get("_comfy_original")
+        if name == "comfy_attention" and original is not None and hasattr(original, name):
+            return getattr(original, name)
+        return super().__getattr__(name)
+
+    def __setattr__(self, name: str, value) -> None:
+        original = self.__dict__.get("_comfy_original")
+        if name == "comfy_attention" and original is not None:
+            setattr(original, name, value)
+        else:
+            super().__setattr__(name, value)

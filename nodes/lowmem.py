@@ -172,7 +172,8 @@ def low_memory_estimate():
         size = comfy.model_management.dtype_size(dtype)
         per_eval = noise.shape[0]  # one cond at a time: an evaluation is the latent batch
 
-        def estimate(input_shape, cond_shapes=None):
+        # newer callers pass cond_shapes=, memory_efficient_attention= (0.38) and may pass more
+        def estimate(input_shape, *_args, **_kwargs):
             shape = [min(input_shape[0], per_eval), *input_shape[1:]]
             return low_memory_inference_bytes(shape, size, full_res_attention)
 

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import collections
 import threading
+import types
 
 import comfy.float
+import comfy.ldm.modules.diffusionmodules.openaimodel
 import comfy.lora
 import comfy.model_management
 import comfy.model_patcher
@@ -29,6 +31,7 @@ import comfy.utils
 import helpers
 import pytest
 import torch
+from comfy.ldm.modules.diffusionmodules.util import timestep_embedding
 from test_compat import apply, put_weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -411,3 +414,150 @@ def test_dynamic_multigpu_deepclone_has_its_own_layers(pack, node_classes, fresh
     assert torch.equal(alone[0], alone[1]) and all(torch.equal(o, alone[0]) for o in outs)
     comfy.model_management.unload_all_models()
     assert torch.equal(sample(base), fresh("plain"))
+
+
+# -- point 5: what the newest ComfyUI passes and builds around the layers ----------------------------
+def test_dynamic_memory_estimates_take_the_newest_keywords(lf, pack, node_classes, fresh):
+    """0.38's ModelPatcher.memory_required calls `model.memory_required(input_shape=...)`; newer
+    memory helpers add `cond_shapes=` and `memory_efficient_attention=`. Apply LinFusion's estimate
+    and the low-memory one (nodes/lowmem.py low_memory_estimate, the High-Res sampler's) take them
+    all; before the fix the low-memory one raised TypeError on `memory_efficient_attention`."""
+    fresh("lf")
+    m = apply(node_classes, loader()).clone()
+    m.add_wrapper(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, pack.nodes.lowmem.low_memory_estimate())
+    shape = [2, 4, 64, 64]
+    seen = []
+
+    def callback(step, *_):
+        if step == 0:
+            base = m.model
+            seen.extend([base.memory_required(input_shape=shape),
+                         base.memory_required(shape, cond_shapes={"c_crossattn": [(2, 77, 768)]},
+                                              memory_efficient_attention=True, extra=1)])
+
+    helpers.sample(m, "sd15", latent_hw=(8, 8), steps=2, callback=callback)
+    expected = lf.memory.low_memory_inference_bytes([1, 4, 64, 64], 4, True)  # one latent per evaluation, fp32
+    assert seen == [expected, expected] and expected > 0
+    assert "memory_required" not in vars(m.model)
+
+
+def newest_forward(unet, x, timesteps=None, context=None, y=None, control=None, transformer_options=None, **kwargs):
+    """UNetModel._forward as 0.38.1 runs it (comfy/ldm/modules/diffusionmodules/openaimodel.py), for
+    the SD layouts: what differs from our ComfyUIs is `middle_block_after_patch` after the middle
+    block and the skip concatenation done only while an output patch left `hsp` set."""
+    oai = comfy.ldm.modules.diffusionmodules.openaimodel
+    to = {} if transformer_options is None else transformer_options
+    to["original_shape"], to["transformer_index"] = list(x.shape), 0
+    patches = to.get("patches", {})
+    emb = unet.time_embed(timestep_embedding(timesteps, unet.model_channels, repeat_only=False).to(x.dtype))
+    for p in patches.get("emb_patch", []):
+        emb = p(emb, unet.model_channels, to)
+    if unet.num_classes is not None:
+        emb = emb + unet.label_emb(y)
+    hs, h = [], x
+    for i, block in enumerate(unet.input_blocks):
+        to["block"] = ("input", i)
+        h = oai.apply_control(oai.forward_timestep_embed(block, h, emb, context, to), control, "input")
+        for p in patches.get("input_block_patch", []):
+            h = p(h, to)
+        hs.append(h)
+        for p in patches.get("input_block_patch_after_skip", []):
+            h = p(h, to)
+    to["block"] = ("middle", 0)
+    h = oai.apply_control(oai.forward_timestep_embed(unet.middle_block, h, emb, context, to), control, "middle")
+    for p in patches.get("middle_block_after_patch", []):
+        h = p({"h": h, "x": x, "emb": emb, "context": context, "y": y, "timesteps": timesteps,
+               "transformer_options": to})["h"]
+    for i, block in enumerate(unet.output_blocks):
+        to["block"] = ("output", i)
+        hsp = oai.apply_control(hs.pop(), control, "output")
+        for p in patches.get("output_block_patch", []):
+            h, hsp = p(h, hsp, to)
+        if hsp is not None:
+            h = torch.cat([h, hsp], dim=1)
+        h = oai.forward_timestep_embed(block, h, emb, context, to, hs[-1].shape if hs else None)
+    return unet.out(h.type(x.dtype))
+
+
+@pytest.mark.parametrize("consumed", [False, True], ids=["middle-patch", "skip-consumed"])
+def test_dynamic_newest_unet_forward_keeps_the_low_memory_bands(lf, pack, monkeypatch, consumed):
+    """The High-Res sampler's low-memory UNet (nodes/lowmem.py) under the newest forward, with a
+    middle_block_after_patch and (skip-consumed) an output patch of another node that takes the
+    skip itself and hands on `hsp=None`, as 0.38's forward allows. The banded ResBlocks still run
+    (forward_timestep_embed_patch handlers only see non-timestep layers: ResBlocks, transformers
+    and upsamplers never reach them) and the output equals the same forward without low memory;
+    before the fix the skip-consumed case raised AttributeError in SkipConcat."""
+    from test_lowmem import TOL, _inputs, linfusion_unet
+
+    lm = lf.lowmem
+    unet = linfusion_unet(lf, "sd15")
+    monkeypatch.setattr(unet, "_forward", types.MethodType(newest_forward, unet))
+    x, t, ctx, y = _inputs("sd15")
+    middle = lambda args: {"h": args["h"] * 0.5}  # noqa: E731
+    consume = lambda h, hsp, to: (torch.cat([h, hsp], dim=1), None)  # noqa: E731
+    patches = {"middle_block_after_patch": [middle], **({"output_block_patch": [consume]} if consumed else {})}
+    with torch.no_grad():
+        ref = unet(x, t, ctx, y, transformer_options={"patches": patches})
+        banded, deferred = [], []
+        for name, calls in (("chunked_norm_act_conv", banded), ("split_input_resblock", deferred)):
+            own = getattr(lm, name)
+            monkeypatch.setattr(lm, name, lambda *a, _own=own, _calls=calls, **k: _calls.append(1) or _own(*a, **k))
+        monkeypatch.setattr(lm, "BAND_BYTES", 1)
+        mo = {"transformer_options": {"patches": patches}}
+        with pack.nodes.lowmem.low_memory_unet(unet, mo, park_device=None, min_chunk_bytes=0):
+            out = unet(x, t, ctx, y, transformer_options=mo["transformer_options"])
+    n_blocks = len(lm.top_level_resblocks(unet, 2))
+    # every ResBlock of the two top levels banded (2 norm-act-convs each, 1 inside a deferred one)
+    # and the out head; the 6 decoder blocks there take their skip in bands unless it was consumed
+    assert (len(banded), len(deferred)) == ((2 * n_blocks + 1, 0) if consumed else (2 * n_blocks - 6 + 1, 6))
+    assert (out - ref).abs().max() <= TOL
+
+
+class ComfyAttention(torch.nn.Module):
+    """Stand-in for 0.38's `comfy_attention` child of CrossAttention (comfy/ldm/modules/attention.py
+    ComfyAttention: no parameters, a `config` and a `function`)."""
+
+    def __init__(self, config=None):
+        super().__init__()
+        self.config, self.function = config, None
+
+
+def config_patch(patcher, config: str) -> int:
+    """What 0.38's ModelPatcher.add_patches does with a ("config", ...) patch on
+    `<attn1>.comfy_attention.config`: look the module up with get_model_object (skipped on
+    AttributeError) and object-patch it with a configured copy. Returns how many were patched."""
+    n = 0
+    for name in [n for n, _ in patcher.model.diffusion_model.named_modules() if n.endswith(".attn1")]:
+        key = f"diffusion_model.{name}.comfy_attention"
+        try:
+            patcher.get_model_object(key)
+        except AttributeError:
+            continue
+        patcher.add_object_patch(key, ComfyAttention(config))
+        n += 1
+    return n
+
+
+def test_dynamic_config_patches_on_comfy_attention(node_classes, fresh):
+    """0.38's CrossAttention has a `comfy_attention` child that "config" patches replace by object
+    patch. Before and after Apply LinFusion, such a patch must neither break loading (before the
+    fix: AttributeError, LinFusion's layer had no such attribute) nor stay on the model's own
+    attention after unloading."""
+    fresh("lf"), fresh("plain")
+    base = loader()
+    unet = base.model.diffusion_model
+    own = {n: m for n, m in unet.named_modules() if n.endswith(".attn1")}
+    for m in own.values():
+        m.comfy_attention = ComfyAttention()
+    children = {n: m.comfy_attention for n, m in own.items()}
+    before = unet_state(base)
+    after = apply(node_classes, base).clone()
+    assert config_patch(after, "after") == 16
+    configured = base.clone()
+    assert config_patch(configured, "before") == 16
+    first = apply(node_classes, configured)
+    for model, ref in [(after, "lf"), (base, "plain"), (first, "lf"), (configured, "plain"), (after, "lf")]:
+        assert torch.equal(sample(model), fresh(ref)), ref
+    comfy.model_management.unload_all_models()
+    assert all(own[n].comfy_attention is c and c.config is None for n, c in children.items())
+    assert all(torch.equal(before[k], v) for k, v in unet_state(base).items())
