@@ -1,4 +1,4 @@
-"""GPU validation for a maintainer with an NVIDIA GPU: one command, under 8 minutes, one table.
+"""GPU validation for a maintainer with an NVIDIA GPU: one command, under 9 minutes, one table.
 
     .dev/venv/bin/python scripts/gpu_check.py            # or: bash scripts/gpu_check.sh
     COMFYUI_PATH=/path/to/ComfyUI .dev/venv/bin/python scripts/gpu_check.py   # a newer ComfyUI
@@ -13,7 +13,13 @@ time is a row of the table, never the end of the run):
    the GPU by ComfyUI, with Dynamic VRAM on and off where the ComfyUI has it (ModelPatcherDynamic,
    ComfyUI 0.38+): the softmax path's output against the attention written out with the LoRA'd
    weights (max abs), and the model's weights bit-identical after unloading;
-4. a 4096 px high-res stage of a full-size SDXL-layout UNet (random fp16 weights, LinFusion-XL
+4. where the ComfyUI has Dynamic VRAM (0.38+), set up exactly as its main.py does it
+   (`dynamic_vram_preinit`, `enable_dynamic_vram`): the loader sequences of tests/test_dynamic.py
+   with the real ModelPatcherDynamic on the GPU (LinFusion run, plain run, LoRA added and removed,
+   full unload, the non-dynamic delegate of hooked conditioning, a multi-GPU deep clone): every
+   plain output bit-identical to a model that never saw LinFusion, every LinFusion output to a
+   fresh Apply LinFusion, the plain weights bit-identical after unloading;
+5. a 4096 px high-res stage of a full-size SDXL-layout UNet (random fp16 weights, LinFusion-XL
    layout): two steps of ComfyUI sampling at a 512 x 512 latent, time and peak memory.
 
 Without CUDA it says so and exits with status 2, running nothing. Paste the table into
@@ -33,9 +39,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
-BUDGET_S = 8 * 60
+BUDGET_S = 9 * 60
 # part -> its time limit (s); together well under the budget, with start-up costs
-LIMITS = {"tests": 70, "layer": 110, "step": 100, "hybrid": 40, "sdxl": 100}
+LIMITS = {"tests": 70, "layer": 110, "step": 100, "hybrid": 40, "dynamic": 60, "sdxl": 100}
 NO_CUDA = ("gpu_check: needs an NVIDIA GPU with CUDA, and this Python's torch sees none "
            "(torch.cuda.is_available() is False): nothing was run")
 
@@ -161,6 +167,24 @@ def part_hybrid() -> list[dict]:
     return rows
 
 
+def part_dynamic() -> list[dict]:
+    if dynamic_vram_settings() == ["n/a"]:
+        return [{"part": "dynamic VRAM loaders", "case": "-", "result": "ok",
+                 "numbers": "this ComfyUI has no Dynamic VRAM (before 0.38): nothing to check"}]
+    code, out, s = run([sys.executable, __file__, "--child", "dynamic", "on"], LIMITS["dynamic"])
+    res = child_json(out)
+    if code != 0 or res is None:
+        return [fail_row("dynamic VRAM loaders", "main.py set-up", code, out, s)]
+    if res.get("skipped"):
+        return [{"part": "dynamic VRAM loaders", "case": "main.py set-up", "result": "FAIL",
+                 "numbers": f"Dynamic VRAM not enabled: {res['skipped']}"}]
+    bad = [f"{name} (max abs {err:.1e})" for name, err in res["checks"] if err != 0]
+    return [{"part": "dynamic VRAM loaders", "case": f"{res['patcher']}, aimdo_enabled {res['aimdo_enabled']}",
+             "result": "ok" if not bad and res["restored"] else "FAIL",
+             "numbers": f"{len(res['checks']) - len(bad)}/{len(res['checks'])} outputs bit-identical; plain weights "
+                        f"restored: {res['restored']}" + (f"; differ: {', '.join(bad)}" if bad else "")}]
+
+
 def part_sdxl() -> list[dict]:
     code, out, s = run([sys.executable, __file__, "--child", "sdxl", "-"], LIMITS["sdxl"])
     res = child_json(out)
@@ -173,6 +197,65 @@ def part_sdxl() -> list[dict]:
 
 
 # -- children (one fresh process each, ComfyUI in GPU mode) ----------------------------------------
+def dynamic_vram_preinit() -> str | None:
+    """What ComfyUI 0.38's main.py does before torch is imported when `enables_dynamic_vram()`:
+    `comfy_aimdo.control.init(simple_vram_headroom=<--reserve-vram in bytes or None>,
+    nvml_pressure=not --disable-nvml-pressure)`, falling back to the older comfy-aimdo protocols.
+    Returns why Dynamic VRAM stays off, or None."""
+    import comfy_env
+
+    path = str(comfy_env.comfyui_path())
+    if path not in sys.path:
+        sys.path.insert(0, path)
+    import comfy.cli_args
+
+    args = comfy.cli_args.args
+    if not hasattr(comfy.cli_args, "enables_dynamic_vram"):
+        return "this ComfyUI has no Dynamic VRAM"
+    if not comfy.cli_args.enables_dynamic_vram():
+        return "this ComfyUI's arguments turn Dynamic VRAM off"
+    import comfy_aimdo.control
+
+    headroom = None if args.reserve_vram is None else int(args.reserve_vram * 1024 ** 3)
+    try:
+        comfy_aimdo.control.init(simple_vram_headroom=headroom,
+                                 nvml_pressure=not getattr(args, "disable_nvml_pressure", False))
+    except TypeError:
+        try:
+            comfy_aimdo.control.init(simple_vram_headroom=headroom)
+        except TypeError:
+            comfy_aimdo.control.init()
+    return None
+
+
+def enable_dynamic_vram() -> str | None:
+    """What 0.38's main.py does once comfy.model_management is imported: on a supported GPU
+    (NVIDIA here) with torch >= 2.8, `comfy_aimdo.control.init_devices` with --vram-headroom per
+    device, then `comfy.model_patcher.CoreModelPatcher = ModelPatcherDynamic` (the class core
+    loaders build) and `comfy.memory_management.aimdo_enabled = True`. Returns why not, or None."""
+    import comfy.memory_management
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy_aimdo.control
+    from comfy.cli_args import args
+
+    if not mm.is_nvidia():
+        return "not an NVIDIA GPU"
+    if mm.torch_version_numeric < (2, 8):
+        return f"torch {mm.torch_version} < 2.8"
+    devices = mm.get_all_torch_devices()
+    try:
+        ok = comfy_aimdo.control.init_devices((d.index, int(getattr(args, "vram_headroom", 0) * 1024 ** 3))
+                                              for d in devices)
+    except TypeError:
+        ok = comfy_aimdo.control.init_devices(d.index for d in devices)
+    if not ok:
+        return "comfy-aimdo did not initialise (comfy_aimdo.control.init_devices returned False)"
+    comfy.model_patcher.CoreModelPatcher = comfy.model_patcher.ModelPatcherDynamic
+    comfy.memory_management.aimdo_enabled = True
+    return None
+
+
 def _comfy(dynamic: str):
     import comfy_env
 
@@ -203,7 +286,7 @@ def _weights_folder(pack, model, kind: str, tmp: Path) -> None:
     folder_paths.folder_names_and_paths["linfusion"] = ([str(tmp)], folder_paths.folder_names_and_paths["linfusion"][1])
 
 
-def child_hybrid(dynamic: str) -> dict:
+def child_hybrid(dynamic: str, pre: str | None = None) -> dict:
     pack, node_classes = _comfy(dynamic)
     import comfy.model_management
     import comfy.model_patcher
@@ -211,10 +294,12 @@ def child_hybrid(dynamic: str) -> dict:
     import test_hybrid as th
     import torch
 
+    if dynamic == "on" and pre is None:
+        pre = enable_dynamic_vram()
     dev = comfy.model_management.get_torch_device()
     base = helpers.small_model("sd15")
-    cls = getattr(comfy.model_patcher, "ModelPatcherDynamic", None) if dynamic == "on" else None
-    model = (cls or comfy.model_patcher.ModelPatcher)(base.model, load_device=dev, offload_device=torch.device("cpu"))
+    # the class core loaders build: ModelPatcherDynamic once main.py's set-up enabled it
+    model = comfy.model_patcher.CoreModelPatcher(base.model, load_device=dev, offload_device=torch.device("cpu"))
     with tempfile.TemporaryDirectory() as tmp:
         _weights_folder(pack, model, "sd15", Path(tmp))
         pristine = th.pristine_attn_weights(model)
@@ -238,7 +323,73 @@ def child_hybrid(dynamic: str) -> dict:
         comfy.model_management.unload_all_models()
         after = th.pristine_attn_weights(model)
         restored = all(torch.equal(after[t], pristine[t]) for t in th.TENSORS)
-    return {"max_abs": err, "restored": restored, "dynamic": dynamic_used, "patcher": type(hybrid).__name__}
+    return {"max_abs": err, "restored": restored, "dynamic": dynamic_used, "patcher": type(hybrid).__name__,
+            "not_dynamic_because": pre}
+
+
+def child_dynamic(pre: str | None) -> dict:
+    """tests/test_dynamic.py's sequences on the real ModelPatcherDynamic, on the GPU."""
+    pack, node_classes = _comfy("on")
+    if pre is None:
+        pre = enable_dynamic_vram()
+    if pre is not None:
+        return {"skipped": pre}
+    import comfy.memory_management
+    import comfy.model_management
+    import comfy.model_patcher
+    import helpers
+    import test_dynamic as td
+    import torch
+    from test_compat import apply
+
+    dev = comfy.model_management.get_torch_device()
+
+    def loader(seed: int = 0, disable_dynamic: bool = False):
+        """A small SD1.5-layout model as a core loader returns it (CoreModelPatcher, the factory
+        in cached_patcher_init for the delegate and the deep clone)."""
+        model = helpers.base_model("sd15", helpers.LAYOUTS["sd15"][2])
+        helpers.fill_random(model, seed)
+        cls = comfy.model_patcher.ModelPatcher if disable_dynamic else comfy.model_patcher.CoreModelPatcher
+        p = cls(model, load_device=dev, offload_device=torch.device("cpu"))
+        p.cached_patcher_init = (loader, (seed,))
+        return p
+
+    def fresh(kind: str, lora_on: bool = False, dynamic: bool = True) -> torch.Tensor:
+        m = loader(disable_dynamic=not dynamic)
+        m = apply(node_classes, m) if kind == "lf" else m
+        out = td.sample(td.with_lora(m, td.lora(m)) if lora_on else m)
+        comfy.model_management.unload_all_models()
+        return out
+
+    with tempfile.TemporaryDirectory() as tmp:
+        _weights_folder(pack, loader(), "sd15", Path(tmp))
+        refs = {(k, lo): fresh(k, lo) for k in ("plain", "lf") for lo in (False, True)}
+        classic = fresh("lf", True, dynamic=False)
+        base = loader()
+        pristine = td.unet_state(base)
+        patched = apply(node_classes, base)
+        lf_lora = td.with_lora(patched, td.lora(base))
+        checks = []
+
+        def check(name, model, ref):
+            checks.append((name, (td.sample(model) - ref).abs().max().item()))
+
+        for name, model, key in [("LinFusion", patched, ("lf", False)),
+                                 ("plain after LinFusion", base, ("plain", False)),
+                                 ("LinFusion + LoRA", lf_lora, ("lf", True)),
+                                 ("plain + LoRA", td.with_lora(base, td.lora(base)), ("plain", True)),
+                                 ("LinFusion, LoRA removed", patched, ("lf", False))]:
+            check(name, model, refs[key])
+        comfy.model_management.unload_all_models()
+        restored = all(torch.equal(pristine[k], v) for k, v in td.unet_state(base).items())
+        check("plain after unload", base, refs[("plain", False)])
+        check("hooked-conds delegate (LinFusion + LoRA)", lf_lora.get_non_dynamic_delegate(), classic)
+        check("LinFusion + LoRA after the delegate", lf_lora, refs[("lf", True)])
+        check("multi-GPU deep clone (LinFusion + LoRA)", lf_lora.deepclone_multigpu(), refs[("lf", True)])
+        check("plain at the end", base, refs[("plain", False)])
+        comfy.model_management.unload_all_models()
+    return {"checks": checks, "restored": restored, "patcher": type(patched).__name__,
+            "aimdo_enabled": bool(comfy.memory_management.aimdo_enabled)}
 
 
 def child_sdxl() -> dict:
@@ -292,17 +443,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", nargs="+", choices=list(LIMITS), help="run only these parts")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    pre = None
+    if a.child and a.child[1] == "on":  # main.py initialises comfy-aimdo before torch is imported
+        pre = dynamic_vram_preinit()
     problem = cuda_problem()
     if problem:
         print(problem, file=sys.stderr)
         return 2
     if a.child:
         what, setting = a.child
-        print(json.dumps(child_hybrid(setting) if what == "hybrid" else child_sdxl()), flush=True)
+        children = {"hybrid": lambda: child_hybrid(setting, pre), "dynamic": lambda: child_dynamic(pre),
+                    "sdxl": child_sdxl}
+        print(json.dumps(children[what]()), flush=True)
         return 0
     import torch
 
-    parts = {"tests": part_tests, "layer": part_layer, "step": part_step, "hybrid": part_hybrid, "sdxl": part_sdxl}
+    parts = {"tests": part_tests, "layer": part_layer, "step": part_step, "hybrid": part_hybrid,
+             "dynamic": part_dynamic, "sdxl": part_sdxl}
     t0 = time.monotonic()
     rows = []
     for name in a.only or list(parts):
