@@ -154,9 +154,11 @@ def apply_linfusion(model, weights_choice: str, softmax_max_tokens: int = 0):
     weights = weights_store.CACHE.get(path)
     plan = plan_replacements(weights, unet)
 
-    def build(patcher):
+    def build(patcher, loaded=None):
         """The LinFusion layers for the model `patcher` wraps: ComfyUI's layer classes, dtype and
-        offload device of that model, the hybrid softmax path bound to its own attention."""
+        offload device of that model, the hybrid softmax path bound to its own attention. The
+        weights come from the cache (not held here: a model rebuilt later reads them again)."""
+        weights = loaded if loaded is not None else weights_store.CACHE.get(path)
         target = patcher.get_model_object("diffusion_model")
         originals = {r.path: original_layer(patcher, r.path) for r in plan}
         sample = originals[plan[0].path].to_q.weight
@@ -172,7 +174,7 @@ def apply_linfusion(model, weights_choice: str, softmax_max_tokens: int = 0):
             layer.bind(originals[p])
         return layers
 
-    layers = build(model)
+    layers = build(model, weights)
     m = model.clone()
     for path_, layer in layers.items():
         m.add_object_patch(PREFIX + path_, layer)

@@ -140,11 +140,13 @@ class ComfyLinFusionAttention(LinFusionAttention):
     def bind(self, original: torch.nn.Module) -> None:
         object.__setattr__(self, "_comfy_original", original)
 
-    def __getattr__(self, name: str):
+    @property
+    def comfy_attention(self) -> torch.nn.Module:
+        # a property, not __getattr__: the layer's other attributes are looked up as before
         original = self.__dict__.get("_comfy_original")
-        if name == "comfy_attention" and original is not None and hasattr(original, name):
-            return getattr(original, name)
-        return super().__getattr__(name)
+        if original is None or not hasattr(original, "comfy_attention"):
+            raise AttributeError("comfy_attention")
+        return original.comfy_attention
 
     def __setattr__(self, name: str, value) -> None:
         original = self.__dict__.get("_comfy_original")
