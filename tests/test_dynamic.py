@@ -12,7 +12,9 @@ CPU meaning and is left out; the real `load_models_gpu` of this ComfyUI drives t
 clone detach and `partially_load` are those of 0.38). Every test name contains `dynamic`.
 
 The rule checked after every sequence: the plain model's output is bit-identical to a model
-that never saw LinFusion, and the LinFusion model's to a fresh Apply LinFusion.
+that never saw LinFusion, and the LinFusion model's to a fresh Apply LinFusion (references: each
+model built for itself and loaded by this ComfyUI's classic ModelPatcher, which on CPU gives the
+same bits as the emulated dynamic loading). Each test says what it gave before the fix.
 """
 
 from __future__ import annotations

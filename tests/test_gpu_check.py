@@ -48,3 +48,17 @@ def test_dynamic_vram_settings_follow_this_comfyui():
 def test_time_limits_fit_the_budget():
     # the parts run one after the other; two hybrid runs at most
     assert sum(gpu_check.LIMITS.values()) + gpu_check.LIMITS["hybrid"] <= gpu_check.BUDGET_S
+
+
+def test_dynamic_vram_preinit_runs_before_torch():
+    """0.38's main.py initialises comfy-aimdo before torch is imported; gpu_check's copy of that
+    step must not import torch itself. On a ComfyUI without Dynamic VRAM it says so."""
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import gpu_check; "
+            "print(repr(gpu_check.dynamic_vram_preinit()), 'torch' in sys.modules)")
+    t = subprocess.run([sys.executable, "-c", code, str(REPO / "scripts")], capture_output=True, text=True,
+                       timeout=120)
+    assert t.returncode == 0, t.stderr
+    has = gpu_check.dynamic_vram_settings() != ["n/a"]
+    reason, torch_imported = t.stdout.strip().rsplit(" ", 1)
+    assert torch_imported == "False"
+    assert (reason == "None") if has else (reason == "'this ComfyUI has no Dynamic VRAM'")
