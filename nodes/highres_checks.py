@@ -63,7 +63,8 @@ def _bad(node: str, name: str, value, allowed: str, fix: str) -> HighResInputErr
 _LINK_HINT = "set it in the node, or check the node linked to this input"
 
 
-def _number(node: str, inp, value, integer: bool):
+def check_number(node: str, inp, value, integer: bool):
+    """A number input (io.Int / io.Float `inp`) checked against its schema's range, also when linked."""
     lo, hi = inp.min, inp.max
     span = f"from {lo} to {hi}" if lo is not None and hi is not None else ""
     kind = "a whole number" if integer else "a finite number"
@@ -162,9 +163,9 @@ def check_inputs(schema: io.Schema, values: dict, latent_channels: int | None = 
             raise _bad(node, name, None, "it is missing", "connect it or give it a value")
         v = values[name]
         if isinstance(inp, io.Float.Input):
-            out[name] = float(_number(node, inp, v, integer=False))
+            out[name] = float(check_number(node, inp, v, integer=False))
         elif isinstance(inp, io.Int.Input):
-            out[name] = _number(node, inp, v, integer=True)
+            out[name] = check_number(node, inp, v, integer=True)
         elif isinstance(inp, io.Boolean.Input):
             if not isinstance(v, bool):
                 raise _bad(node, name, v, "it must be true or false", _LINK_HINT)

@@ -99,3 +99,109 @@ def test_other_integer_images_refused(node_classes, model, vae, never_samples, d
     refused(node_classes, SR, sr_kw(model, vae, image=image), SR_NAME,
             f"its values are {str(dtype).replace('torch.', '')}, but a ComfyUI IMAGE holds floats from 0 to 1",
             "divide 8-bit values by 255")
+
+
+# -- item 5: hybrid mode's estimate at the image's real size ------------------------------------------
+@pytest.fixture(scope="module")
+def sd15_attn1_tokens():
+    """path -> (batch, tokens, heads) each self-attention layer of the small SD1.5 model sees in
+    one real sampling step at a 16x16 latent, cfg 5 (forward hooks): the independent reference."""
+    model = helpers.small_model("sd15")
+    seen, handles = {}, []
+
+    def hook(name):
+        def record(mod, args, _out):
+            seen.setdefault(name, (args[0].shape[0], args[0].shape[1], mod.heads))
+        return record
+
+    for name, m in model.model.diffusion_model.named_modules():
+        if name.endswith(".attn1"):
+            handles.append(m.register_forward_hook(hook(name)))
+    try:
+        helpers.sample(model, "sd15", latent_hw=(16, 16), steps=1)
+    finally:
+        for h in handles:
+            h.remove()
+    assert len(seen) == 16
+    return model, seen
+
+
+def test_attention_levels_match_the_tokens_each_layer_sees(lf, sd15_attn1_tokens):
+    model, seen = sd15_attn1_tokens
+    levels = lf.patching.attention_levels(model.model.diffusion_model, list(seen))
+    for path, (_b, tokens, _heads) in seen.items():
+        assert tokens == 256 // 4 ** levels[path], path
+        assert lf.memory.tokens_at_level((16, 16), levels[path]) == tokens
+    assert lf.memory.tokens_at_level((9, 5), 1) == 5 * 3  # a stride-2 convolution rounds up
+    # SDXL's full layout (on meta): no attention at full size; 10 layers at /2, 60 at /4 (10 of them in the middle)
+    xl = helpers.base_model("sdxl", meta=True).diffusion_model
+    paths = [n for n, _ in xl.named_modules() if n.endswith(".attn1")]
+    found = lf.patching.attention_levels(xl, paths)
+    assert sorted(found.values()).count(1) == 2 * 2 + 3 * 2 and sorted(found.values()).count(2) == 2 * 10 + 10 + 3 * 10
+    assert found["input_blocks.4.1.transformer_blocks.0.attn1"] == 1
+    assert found["middle_block.1.transformer_blocks.9.attn1"] == 2
+    assert found["output_blocks.5.1.transformer_blocks.1.attn1"] == 1
+
+
+def hybrid_estimates(lf, node_classes, sd15, linfusion_dir, tokens: int, shapes) -> list[float]:
+    """What ComfyUI's memory planning is told for each of `shapes` while a hybrid model samples."""
+    put_weights(lf, linfusion_dir, "sd15", sd15)
+    patched = apply(node_classes, sd15, "auto", softmax_max_tokens=tokens)
+    seen = []
+
+    def callback(step, *_):
+        if step == 0:
+            seen.extend(patched.model.memory_required(s) for s in shapes)
+
+    helpers.sample(patched, "sd15", latent_hw=(8, 8), steps=1, callback=callback)
+    return seen
+
+
+def test_hybrid_estimate_counts_only_softmax_layers_at_this_size(lf, pack, node_classes, sd15, linfusion_dir,
+                                                                 sd15_attn1_tokens):
+    """Before: 16384 tokens on a 512 px image claimed 43 GB (2 x 20 heads x 16384^2 x 4 bytes,
+    whatever the image); the widget maximum 2^24 on a 64 px image claimed 22.5 PB. Now: the
+    linear estimate plus the largest fp32 score matrix (batch x heads x tokens^2 x 4 bytes) among
+    the layers that really run softmax at this size. Reference: the tokens and heads each layer
+    saw in a real step at 16x16 (hooks), times 16 at 64x64 (512 px) and / 4 at 8x8 (64 px);
+    equal within 1%."""
+    _, seen = sd15_attn1_tokens
+    shapes = {512: [2, 4, 64, 64], 64: [2, 4, 8, 8]}
+    per_16 = [(heads, t) for _b, t, heads in seen.values()]
+
+    def reference(px, threshold):
+        scale = (px // 8) ** 2 / 256
+        scores = max([2 * h * int(t * scale) ** 2 * 4 for h, t in per_16 if t * scale <= threshold], default=0)
+        return lf.memory.inference_bytes(shapes[px], 4, sd15.model.memory_usage_factor) + scores, scores
+
+    for threshold in (16384, 1023):
+        got = dict(zip(shapes, hybrid_estimates(lf, node_classes, sd15, linfusion_dir, threshold, shapes.values())))
+        for px in shapes:
+            assert got[px] == pytest.approx(reference(px, threshold)[0], rel=0.01), (px, threshold)
+        if threshold == 16384:  # every level keeps softmax: 2 x 8 heads x 4096^2 x 4 bytes = 1.07 GB
+            assert reference(512, threshold)[1] == 2 * 8 * 4096 ** 2 * 4 and got[512] < 1.5e9  # 42.9e9 before
+        else:  # only the 16x16 and 8x8 levels keep softmax
+            assert reference(512, threshold)[1] == 2 * 8 * 256 ** 2 * 4
+    layers = pack.nodes.apply.softmax_layers_of(sd15.model.diffusion_model, {p: sd15.model.diffusion_model.get_submodule(p)
+                                                                           for p in seen})
+    huge = pack.nodes.apply.linfusion_memory_required(sd15.model, shapes[64], 1 << 24, layers)
+    assert huge == pytest.approx(reference(64, 1 << 24)[0]) and huge < 5e6  # 22.5e15 before (4.0 MB now, mostly the linear part)
+
+
+@pytest.mark.parametrize(("value", "shown"), [(1 << 62, str(1 << 62)), (-64, "-64"), (math.nan, "nan"),
+                                               (2.5, "2.5"), ("4096", "'4096'"), (True, "True")])
+def test_linked_softmax_max_tokens_checked_like_the_widget(lf, node_classes, sd15, linfusion_dir, value, shown):
+    """Before: a linked 2^62 was accepted (its estimate 3.4e39 bytes)."""
+    put_weights(lf, linfusion_dir, "sd15", sd15)
+    with pytest.raises(ValueError) as exc:
+        apply(node_classes, sd15, "auto", softmax_max_tokens=value)
+    text = str(exc.value)
+    assert f"Apply LinFusion: input 'softmax_max_tokens' is {shown}" in text, text
+    assert f"a whole number from 0 to {1 << 24}" in text and "check the node linked to this input" in text
+
+
+def test_linked_weights_of_another_type_refused(lf, node_classes, sd15, linfusion_dir):
+    put_weights(lf, linfusion_dir, "sd15", sd15)
+    with pytest.raises(ValueError, match="input 'weights' is int, not a file name. Fix: choose a file"):
+        apply(node_classes, sd15, 3)
+    assert apply(node_classes, sd15, "auto", softmax_max_tokens=4096.0) is not None  # a whole float is fine
