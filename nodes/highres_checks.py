@@ -193,7 +193,7 @@ def check_finite_output(node: str, what: str, t: torch.Tensor, stage=None) -> No
     if bool(torch.isfinite(t).all()):
         return
     share = 1.0 - float(torch.isfinite(t).float().mean())
-    where = f"stage {stage.index} ({stage.pixel_size[0]}x{stage.pixel_size[1]} px)" if stage is not None else "the output"
+    where = "the output" if stage is None else f"stage {stage.index} ({stage.pixel_size[0]}x{stage.pixel_size[1]} px)"
     fix = ("run the VAE in float32 (ComfyUI's --fp32-vae) or use a VAE fixed for fp16" if what == "VAE decode" else
            "lower cfg, run the model in float32 (ComfyUI's --force-fp32), or check the model, LoRAs and LinFusion "
            "weights (one with NaN or huge values)")

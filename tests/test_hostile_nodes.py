@@ -6,17 +6,29 @@ bool dtype, weights metadata nested 10^5 deep."""
 
 from __future__ import annotations
 
-import json
 import math
 
 import helpers
 import pytest
+import test_highres_inputs
 import torch
-from safetensors.torch import save_file
 from test_apply import apply, put_weights
-from test_highres_inputs import ADV, SR, adv_kw, latent, model, never_samples, refused, sr_kw, vae  # noqa: F401
+from test_highres_inputs import ADV, SR, adv_kw, latent, refused, sr_kw
 
 ADV_NAME, SR_NAME = "LinFusion High-Res Sampler (advanced)", "LinFusion Super-Resolution"
+never_samples = test_highres_inputs.never_samples  # the fixture: nothing sampled or decoded before the checks
+
+
+@pytest.fixture(scope="module")
+def model():
+    return helpers.small_model("sd15")
+
+
+@pytest.fixture(scope="module")
+def vae():
+    import test_highres
+
+    return test_highres.small_vae()
 
 
 # -- item 4: too small, out of range, non-finite output ---------------------------------------------
@@ -106,7 +118,7 @@ def test_other_integer_images_refused(node_classes, model, vae, never_samples, d
 def sd15_attn1_tokens():
     """path -> (batch, tokens, heads) each self-attention layer of the small SD1.5 model sees in
     one real sampling step at a 16x16 latent, cfg 5 (forward hooks): the independent reference."""
-    model = helpers.small_model("sd15")
+    sd15 = helpers.small_model("sd15")
     seen, handles = {}, []
 
     def hook(name):
@@ -114,21 +126,21 @@ def sd15_attn1_tokens():
             seen.setdefault(name, (args[0].shape[0], args[0].shape[1], mod.heads))
         return record
 
-    for name, m in model.model.diffusion_model.named_modules():
+    for name, m in sd15.model.diffusion_model.named_modules():
         if name.endswith(".attn1"):
             handles.append(m.register_forward_hook(hook(name)))
     try:
-        helpers.sample(model, "sd15", latent_hw=(16, 16), steps=1)
+        helpers.sample(sd15, "sd15", latent_hw=(16, 16), steps=1)
     finally:
         for h in handles:
             h.remove()
     assert len(seen) == 16
-    return model, seen
+    return sd15, seen
 
 
 def test_attention_levels_match_the_tokens_each_layer_sees(lf, sd15_attn1_tokens):
-    model, seen = sd15_attn1_tokens
-    levels = lf.patching.attention_levels(model.model.diffusion_model, list(seen))
+    sd15, seen = sd15_attn1_tokens
+    levels = lf.patching.attention_levels(sd15.model.diffusion_model, list(seen))
     for path, (_b, tokens, _heads) in seen.items():
         assert tokens == 256 // 4 ** levels[path], path
         assert lf.memory.tokens_at_level((16, 16), levels[path]) == tokens
@@ -182,10 +194,11 @@ def test_hybrid_estimate_counts_only_softmax_layers_at_this_size(lf, pack, node_
             assert reference(512, threshold)[1] == 2 * 8 * 4096 ** 2 * 4 and got[512] < 1.5e9  # 42.9e9 before
         else:  # only the 16x16 and 8x8 levels keep softmax
             assert reference(512, threshold)[1] == 2 * 8 * 256 ** 2 * 4
-    layers = pack.nodes.apply.softmax_layers_of(sd15.model.diffusion_model, {p: sd15.model.diffusion_model.get_submodule(p)
-                                                                           for p in seen})
+    unet = sd15.model.diffusion_model
+    layers = pack.nodes.apply.softmax_layers_of(unet, {p: unet.get_submodule(p) for p in seen})
     huge = pack.nodes.apply.linfusion_memory_required(sd15.model, shapes[64], 1 << 24, layers)
-    assert huge == pytest.approx(reference(64, 1 << 24)[0]) and huge < 5e6  # 22.5e15 before (4.0 MB now, mostly the linear part)
+    assert huge == pytest.approx(reference(64, 1 << 24)[0])
+    assert huge < 5e6  # 22.5e15 before; 4.0 MB now, mostly the linear part
 
 
 @pytest.mark.parametrize(("value", "shown"), [(1 << 62, str(1 << 62)), (-64, "-64"), (math.nan, "nan"),
