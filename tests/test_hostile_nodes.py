@@ -218,3 +218,23 @@ def test_linked_weights_of_another_type_refused(lf, node_classes, sd15, linfusio
     with pytest.raises(ValueError, match="input 'weights' is int, not a file name. Fix: choose a file"):
         apply(node_classes, sd15, 3)
     assert apply(node_classes, sd15, "auto", softmax_max_tokens=4096.0) is not None  # a whole float is fine
+
+
+# -- item 6: weights metadata nested 10^5 deep ---------------------------------------------------------
+@pytest.mark.parametrize("where", ["metadata", "config.json"])
+def test_deeply_nested_config_refused_with_a_message(lf, tmp_path, where):
+    """Before: RecursionError from json.loads."""
+    from test_hostile_weights import _raw_safetensors
+
+    text = "[" * 100_000 + "]" * 100_000
+    d = tmp_path / "w"
+    d.mkdir()
+    f = d / "diffusion_pytorch_model.safetensors"
+    if where == "metadata":
+        _raw_safetensors(f, 1, {"linfusion_config": text})
+    else:
+        _raw_safetensors(f, 1)
+        (d / "config.json").write_text(text)
+    with pytest.raises(lf.LinFusionWeightsError, match="is nested too deeply to be a LinFusion config .* download it "
+                                                       "again"):
+        lf.load_weights(d)
