@@ -153,7 +153,7 @@ def _out_problem(out: Path) -> str | None:
     parent = out.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK) or str(parent.resolve()).startswith("/proc"):
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         return f"--out {out} cannot be written ({parent} is not a folder this user can write to): choose another path"
     return None
 
