@@ -355,3 +355,20 @@ def test_stage_good_arguments_pass(bps, tmp_path):
     a = bps.parse_args(["--checkpoint", str(ckpt), "--latent", str(lat), "--out", str(tmp_path / "new" / "o.st"),
                         "--device", "cpu"])
     assert a.checkpoint == ckpt and a.out == tmp_path / "new" / "o.st"
+
+
+def test_stage_message_comes_through_torchrun(tmp_path):
+    """The one torchrun start: before, a bad argument ended in tracebacks inside the workers and
+    torchrun's ChildFailedError; now each worker prints the one-line usage error before any
+    process group forms, and torchrun fails at once with it in the output."""
+    import subprocess
+    import sys
+
+    torchrun = Path(sys.executable).with_name("torchrun")
+    script = Path(__file__).resolve().parents[1] / "scripts" / "band_parallel_stage.py"
+    run = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", str(script), "--device", "cpu",
+                          "--px", "7"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    out = run.stdout + run.stderr
+    assert run.returncode != 0
+    assert out.count("error: --px 7: give the image side in pixels as a multiple of 64") == 2, out[-3000:]
+    assert 'band_parallel_stage.py", line' not in out  # no traceback through the script
