@@ -361,14 +361,21 @@ def test_stage_message_comes_through_torchrun(tmp_path):
     """The one torchrun start: before, a bad argument ended in tracebacks inside the workers and
     torchrun's ChildFailedError; now each worker prints the one-line usage error before any
     process group forms, and torchrun fails at once with it in the output."""
+    import signal
     import subprocess
     import sys
 
     torchrun = Path(sys.executable).with_name("torchrun")
     script = Path(__file__).resolve().parents[1] / "scripts" / "band_parallel_stage.py"
-    run = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", str(script), "--device", "cpu",
-                          "--px", "7"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    out = run.stdout + run.stderr
-    assert run.returncode != 0
+    proc = subprocess.Popen([str(torchrun), "--standalone", "--nproc-per-node", "2", str(script), "--device", "cpu",
+                             "--px", "7"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
+                            start_new_session=True)  # its own process group: the workers go with it on a timeout
+    try:
+        out, _ = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:  # before: the workers built models and never ended
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("torchrun with --px 7 still ran after 120 s")
+    assert proc.returncode != 0
     assert out.count("error: --px 7: give the image side in pixels as a multiple of 64") == 2, out[-3000:]
     assert 'band_parallel_stage.py", line' not in out  # no traceback through the script
