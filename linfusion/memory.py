@@ -37,15 +37,47 @@ FULL_RES_CHANNELS = 320  # model_channels of every supported family
 BANDED_FROM = 32 << 20  # linfusion.lowmem.MIN_CHUNK_BYTES
 
 
-def inference_bytes(input_shape, dtype_size: int, usage_factor: float = 1.0, softmax_max_tokens: int = 0) -> float:
+# Hybrid mode without a layer list: a softmax layer at each of the four levels of SD1.x/2.x
+# (latent size, /2, /4, /8), each with the most heads: an upper bound for every family.
+DEFAULT_SOFTMAX_LAYERS = tuple((level, SOFTMAX_HEADS_MAX) for level in range(4))
+
+
+def tokens_at_level(latent_hw, level: int) -> int:
+    """Tokens of a self-attention layer `level` downsamplings below a latent of size `latent_hw`
+    (each of the UNet's stride-2 convolutions, padding 1, rounds a side up)."""
+    out = 1
+    for s in latent_hw:
+        out *= -(-int(s) // (1 << level))
+    return out
+
+
+def softmax_bytes(input_shape, softmax_max_tokens: int, layers=DEFAULT_SOFTMAX_LAYERS) -> float:
+    """Hybrid mode's peak extra: the largest fp32 score matrix (batch x heads x tokens^2) among
+    the `layers` ((downsampling level, heads) of each self-attention layer) that keep softmax
+    at this input's size, i.e. whose tokens are at most `softmax_max_tokens`. Layers run one
+    after another, so only the largest counts; a layer above the threshold runs LinFusion and
+    adds nothing beyond the linear estimate."""
+    if softmax_max_tokens <= 0:
+        return 0.0
+    hw = input_shape[2:]
+    peak = 0
+    for level, heads in layers:
+        t = tokens_at_level(hw, level)
+        if t <= softmax_max_tokens:
+            peak = max(peak, heads * t * t)
+    return float(input_shape[0] * peak * 4)
+
+
+def inference_bytes(input_shape, dtype_size: int, usage_factor: float = 1.0, softmax_max_tokens: int = 0,
+                    softmax_layers=DEFAULT_SOFTMAX_LAYERS) -> float:
     """Bytes a LinFusion UNet needs for an input (B, C, H, W): linear in latent area. Hybrid mode
-    adds the softmax layers' fp32 score matrices, at most `softmax_max_tokens` tokens each."""
+    adds the largest score matrix of the layers that keep softmax at this size (`softmax_bytes`)."""
     b = input_shape[0]
     area = b
     for s in input_shape[2:]:
         area *= s
     linear = area * dtype_size * LINEAR_MIB_PER_ELEMENT_BYTE * usage_factor * (1 << 20)
-    return linear + b * SOFTMAX_HEADS_MAX * softmax_max_tokens ** 2 * 4
+    return linear + softmax_bytes(input_shape, softmax_max_tokens, softmax_layers)
 
 
 def low_memory_inference_bytes(input_shape, dtype_size: int, attention_at_full_res: bool = True) -> float:

@@ -39,6 +39,24 @@ def self_attention_layers(unet: nn.Module) -> dict[str, nn.Module]:
     }
 
 
+def attention_levels(unet: nn.Module, paths) -> dict[str, int | None]:
+    """Downsampling level (0: the latent's own size) of each layer at `paths` of an LDM UNet
+    (input_blocks, middle_block, output_blocks): a Downsample block lowers the level of the
+    blocks after it, an Upsample at the end of an output block raises it. None for a path
+    outside that layout."""
+    starts: dict[str, int] = {}
+    level = 0
+    for i, block in enumerate(getattr(unet, "input_blocks", None) or []):
+        starts[f"input_blocks.{i}."] = level
+        level += any(type(m).__name__ == "Downsample" for m in block.children())
+    if getattr(unet, "middle_block", None) is not None:
+        starts["middle_block."] = level
+    for i, block in enumerate(getattr(unet, "output_blocks", None) or []):
+        starts[f"output_blocks.{i}."] = level
+        level -= any(type(m).__name__ == "Upsample" for m in block.children())
+    return {p: next((lv for prefix, lv in starts.items() if p.startswith(prefix)), None) for p in paths}
+
+
 def _layer_dim_heads(m: nn.Module) -> tuple[int, int | None]:
     dim = m.to_q.weight.shape[1]
     heads = getattr(m, "heads", None)

@@ -264,6 +264,9 @@ def _config(path: Path, meta: dict[str, str], cfg_path: Path | None,
         detail = f": {exc}" if isinstance(exc, LinFusionWeightsError) else f" is not valid JSON ({exc})"
         raise LinFusionWeightsError(f"{source}{detail}. The file is damaged or not LinFusion's; download it "
                                     "again") from exc
+    except RecursionError:  # JSON nested thousands deep: a config is a flat list of layers
+        raise LinFusionWeightsError(f"{source} is nested too deeply to be a LinFusion config (a flat list of "
+                                    "layers). The file is damaged or not LinFusion's; download it again") from None
 
 
 def resolve_weights_path(path: str | os.PathLike) -> tuple[Path, Path | None]:

@@ -12,9 +12,10 @@ from comfy_api.latest import io
 
 from ..linfusion.attention import LinFusionAttention
 from ..linfusion.families import supported_families_text
-from ..linfusion.memory import inference_bytes
+from ..linfusion.memory import DEFAULT_SOFTMAX_LAYERS, inference_bytes
 from ..linfusion.patching import (
     IncompatibleModelError,
+    attention_levels,
     build_replacements,
     describe_model,
     model_family,
@@ -22,6 +23,7 @@ from ..linfusion.patching import (
     plan_replacements,
 )
 from . import loaders, weights_store
+from .highres_checks import HighResInputError, check_number
 from .schema import CATEGORY, schema
 
 log = logging.getLogger("ComfyUI-LinFusion")
@@ -95,14 +97,25 @@ def bind_softmax_layers(patcher, paths: list[str]) -> None:
                 layer.softmax_attn = orig
 
 
-def linfusion_memory_required(base_model, input_shape, softmax_max_tokens: int = 0) -> float:
-    """Bytes of inference memory a LinFusion-patched ComfyUI model needs for `input_shape`."""
+def linfusion_memory_required(base_model, input_shape, softmax_max_tokens: int = 0,
+                              softmax_layers=DEFAULT_SOFTMAX_LAYERS) -> float:
+    """Bytes of inference memory a LinFusion-patched ComfyUI model needs for `input_shape`;
+    `softmax_layers`: (downsampling level, heads) of the hybrid layers (linfusion/memory.py)."""
     dtype = base_model.manual_cast_dtype or base_model.get_dtype()
     return inference_bytes(input_shape, comfy.model_management.dtype_size(dtype), base_model.memory_usage_factor,
-                           softmax_max_tokens)
+                           softmax_max_tokens, softmax_layers)
 
 
-def sampling_wrapper(paths: list[str], softmax_max_tokens: int):
+def softmax_layers_of(unet, layers: dict) -> tuple:
+    """(downsampling level, heads) of each replacement, for hybrid mode's estimate; the
+    conservative default when a layer's level is unknown (not an LDM UNet layout)."""
+    levels = attention_levels(unet, list(layers))
+    if any(v is None for v in levels.values()):
+        return DEFAULT_SOFTMAX_LAYERS
+    return tuple(sorted({(levels[p], int(layer.heads)) for p, layer in layers.items()}))
+
+
+def sampling_wrapper(paths: list[str], softmax_max_tokens: int, softmax_layers=DEFAULT_SOFTMAX_LAYERS):
     """OUTER_SAMPLE wrapper, run before ComfyUI loads the model for sampling.
 
     Hybrid mode: binds the kept softmax layers to the sampled model and mirrors its weight
@@ -121,7 +134,7 @@ def sampling_wrapper(paths: list[str], softmax_max_tokens: int):
 
         # Newer ComfyUI memory helpers pass more arguments (cond_shapes, keywords): accept any.
         def memory_required(input_shape, *_args, **_kwargs):
-            return linfusion_memory_required(base, input_shape, softmax_max_tokens)
+            return linfusion_memory_required(base, input_shape, softmax_max_tokens, softmax_layers)
 
         before = vars(base).get("memory_required")  # another LinFusion wrapper's, when applied twice
         base.memory_required = memory_required
@@ -180,7 +193,8 @@ def apply_linfusion(model, weights_choice: str, softmax_max_tokens: int = 0):
         m.add_object_patch(PREFIX + path_, layer)
     if softmax_max_tokens > 0:
         mirror_patches_to_softmax(m, list(layers))
-    m.add_wrapper(WrappersMP.OUTER_SAMPLE, sampling_wrapper(list(layers), softmax_max_tokens))
+    m.add_wrapper(WrappersMP.OUTER_SAMPLE, sampling_wrapper(list(layers), softmax_max_tokens,
+                                                            softmax_layers_of(unet, layers)))
     m.set_injections(loaders.INJECTION_KEY, [loaders.backup_injection(list(layers))])
     m.add_callback(CallbacksMP.ON_CLONE, loaders.LayerSets(build, model.model, layers).on_clone)
     summary = (f"LinFusion: {len(layers)} self-attention layers of {fam.label if fam else 'the model'} replaced "
@@ -229,5 +243,11 @@ class ApplyLinFusion(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, weights: str, softmax_max_tokens: int) -> io.NodeOutput:
+        # linked values reach here unchecked by ComfyUI: the same range and type as the widget
+        (tokens,) = [i for i in cls.define_schema().inputs if i.id == "softmax_max_tokens"]
+        softmax_max_tokens = check_number("Apply LinFusion", tokens, softmax_max_tokens, integer=True)
+        if not isinstance(weights, str):
+            raise HighResInputError(f"Apply LinFusion: input 'weights' is {type(weights).__name__}, not a file name. "
+                                    "Fix: choose a file of models/linfusion or 'auto' (check the node linked to it)")
         m, _ = apply_linfusion(model, weights, softmax_max_tokens)
         return io.NodeOutput(m)

@@ -51,7 +51,7 @@ from comfy_api.latest import io, ui
 
 from ..linfusion import highres as hr
 from ..linfusion import lowmem, tiling
-from .highres_checks import check_inputs, check_memory, check_target
+from .highres_checks import check_finite_output, check_inputs, check_memory, check_target
 from .lowmem import low_memory_estimate, low_memory_unet
 from .multigpu import is_band_parallel
 from .schema import HIGHRES_CATEGORY, schema
@@ -533,6 +533,7 @@ def run_stages(model, positive, negative, latent: dict | None, vae, target_px: t
         if st.steps == 0:
             log.info("LinFusion high-res: stage %d (%dx%d px) has 0 steps at strength %.3g: upscaled only",
                      st.index, w_px, h_px, st.strength)
+            check_finite_output(node_name, "upscale", init, st)
             current_latent = init
             report.shapes.append(tuple(init.shape))
             report.seconds.append(time.perf_counter() - t0)
@@ -554,6 +555,7 @@ def run_stages(model, positive, negative, latent: dict | None, vae, target_px: t
         del noise, init
         if res.anchor and anchor is not None:
             samples = hr.restandardize(samples, *anchor)
+        check_finite_output(node_name, "sampling", samples, st)
         done = offset + n
         pbar.update_absolute(done, total)  # the stage is complete whatever the sampler reported
         current_latent = samples
@@ -878,13 +880,16 @@ class LinFusionSuperResolution(io.ComfyNode):
     def execute(cls, model, positive, negative, image, vae, scale_by, width, height, stages, seed, steps, cfg,
                 sampler_name, scheduler, **kw) -> io.NodeOutput:
         v = _checked(cls, {**locals(), **kw})
+        image = v["image"]  # float32 (an 8-bit or bool image from a non-conforming node converted)
         h, w = image.shape[1:3]
         target = target_latent_size((w, h), v["scale_by"], v["width"], v["height"])
         s = _settings(**_pick(v, _SETTING_INPUTS))
         saver = StageImages(cls, v.get("stage_images") or "off")
         out, _ = run_stages(model, positive, negative, None, vae, target, s, image=image,
                             single_stage=stages == "single", node_name=_name(cls), stage_image=saver.hook)
-        return io.NodeOutput(vae_decode(vae, out["samples"], s.vae_tile_size), out, ui=saver.ui())
+        decoded = vae_decode(vae, out["samples"], s.vae_tile_size)
+        check_finite_output(_name(cls), "VAE decode", decoded)
+        return io.NodeOutput(decoded, out, ui=saver.ui())
 
 
 NODES = [LinFusionHighResSampler, LinFusionHighResSamplerAdvanced, LinFusionSuperResolution]

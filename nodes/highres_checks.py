@@ -30,6 +30,15 @@ from .lowmem import attention_at_full_res
 MAX_TARGET_PIXELS = 1 << 30
 VAE_TILE_MIN = 64  # px: smaller tiles are all overlap (64 px) or divide by zero in the tiler
 GB = 1e9
+# The smallest latent side the nodes take: 2 cells (16 px, also the minimum of ComfyUI's Empty
+# Latent Image). Measured (issue 25) with the SD1.5 layout (3 downsamplings): the UNet itself
+# gives finite output down to 1x1, since each downsampling rounds up and ComfyUI's upsampling
+# matches the skip's size; what breaks at one cell is the per-channel statistics the refinement
+# anchors to (an unbiased std of one value is NaN), so a 1x1 latent ended all-NaN.
+MIN_LATENT_SIDE = 2
+# Latent values beyond this are refused: VAE latents stay within about +-50 (SD1.x/2.x/XL),
+# noise within +-6; at 1e30 the sampler's arithmetic overflows to inf/NaN.
+MAX_LATENT_ABS = 1e4
 
 
 class HighResInputError(ValueError):
@@ -54,7 +63,8 @@ def _bad(node: str, name: str, value, allowed: str, fix: str) -> HighResInputErr
 _LINK_HINT = "set it in the node, or check the node linked to this input"
 
 
-def _number(node: str, inp, value, integer: bool):
+def check_number(node: str, inp, value, integer: bool):
+    """A number input (io.Int / io.Float `inp`) checked against its schema's range, also when linked."""
     lo, hi = inp.min, inp.max
     span = f"from {lo} to {hi}" if lo is not None and hi is not None else ""
     kind = "a whole number" if integer else "a finite number"
@@ -96,10 +106,24 @@ def check_latent(node: str, name: str, latent, latent_channels: int | None = Non
     if not bool(torch.isfinite(samples).all()):
         raise _bad(node, name, samples, "it contains NaN or infinite values",
                    "re-run the node that made it (a NaN latent decodes to a black image)")
+    if h < MIN_LATENT_SIDE or w < MIN_LATENT_SIDE:
+        px = MIN_LATENT_SIDE * 8
+        raise _bad(node, name, samples, f"it is {w * 8}x{h * 8} px; the smallest image these nodes take is "
+                   f"{px}x{px} px (a {MIN_LATENT_SIDE}x{MIN_LATENT_SIDE} latent)",
+                   f"start from an image of at least {px} px a side (e.g. Empty Latent Image at 512x512)")
+    peak = float(samples.abs().max())
+    if peak > MAX_LATENT_ABS:
+        raise _bad(node, name, samples, f"it holds values up to {peak:.3g}, far beyond a real latent "
+                   f"(|x| <= {MAX_LATENT_ABS:g}; VAE latents stay within about 50)",
+                   "connect a latent made by a VAE Encode, KSampler or Empty Latent Image, not a scaled or "
+                   "hand-made tensor")
 
 
-def check_image(node: str, name: str, image) -> None:
-    """An IMAGE (B, H, W, C) with B, H, W >= 1, C 3 or 4, finite values."""
+def check_image(node: str, name: str, image) -> torch.Tensor:
+    """An IMAGE (B, H, W, C) with B, H, W >= 1, C 3 or 4, finite values, sides of at least
+    MIN_LATENT_SIDE latent cells. Returns it as float32: a bool image (0/1) or an 8-bit one
+    (0..255, divided by 255) from a node that does not follow ComfyUI's float convention is
+    converted; other integer types are refused (their scale is unknown)."""
     if not isinstance(image, torch.Tensor) or image.ndim != 4:
         raise _bad(node, name, image, "it must be an IMAGE (batch, height, width, channels)",
                    "connect the IMAGE output of Load Image or VAE Decode")
@@ -109,8 +133,21 @@ def check_image(node: str, name: str, image) -> None:
     if c not in (3, 4):
         raise _bad(node, name, image, "it must have 3 (RGB) or 4 (RGBA) channels",
                    "convert it to RGB first (e.g. a mask is not an image)")
+    if image.dtype == torch.bool:
+        image = image.float()
+    elif image.dtype == torch.uint8:
+        image = image.float() / 255.0
+    elif not image.is_floating_point():
+        raise _bad(node, name, image, f"its values are {str(image.dtype).replace('torch.', '')}, but a ComfyUI "
+                   "IMAGE holds floats from 0 to 1",
+                   "fix or replace the node that made it, or convert it to float (e.g. divide 8-bit values by 255)")
     if not bool(torch.isfinite(image).all()):
         raise _bad(node, name, image, "it contains NaN or infinite values", "re-run the node that made it")
+    px = MIN_LATENT_SIDE * 8
+    if h < px or w < px:
+        raise _bad(node, name, image, f"it is {w}x{h} px; the smallest image these nodes take is {px}x{px} px",
+                   f"upscale it to at least {px} px a side first (e.g. Upscale Image)")
+    return image
 
 
 def check_inputs(schema: io.Schema, values: dict, latent_channels: int | None = None) -> dict:
@@ -126,9 +163,9 @@ def check_inputs(schema: io.Schema, values: dict, latent_channels: int | None = 
             raise _bad(node, name, None, "it is missing", "connect it or give it a value")
         v = values[name]
         if isinstance(inp, io.Float.Input):
-            out[name] = float(_number(node, inp, v, integer=False))
+            out[name] = float(check_number(node, inp, v, integer=False))
         elif isinstance(inp, io.Int.Input):
-            out[name] = _number(node, inp, v, integer=True)
+            out[name] = check_number(node, inp, v, integer=True)
         elif isinstance(inp, io.Boolean.Input):
             if not isinstance(v, bool):
                 raise _bad(node, name, v, "it must be true or false", _LINK_HINT)
@@ -141,12 +178,28 @@ def check_inputs(schema: io.Schema, values: dict, latent_channels: int | None = 
         elif isinstance(inp, io.Latent.Input):
             check_latent(node, name, v, latent_channels)
         elif isinstance(inp, io.Image.Input):
-            check_image(node, name, v)
+            out[name] = check_image(node, name, v)
     tile = out.get("vae_tile_size")
     if tile is not None and 0 < tile < VAE_TILE_MIN:
         raise _bad(node, "vae_tile_size", tile, f"it must be 0 (never tile) or from {VAE_TILE_MIN} px on",
                    f"use 0, or a tile of at least {VAE_TILE_MIN} px (the default 2048 suits most machines)")
     return out
+
+
+def check_finite_output(node: str, what: str, t: torch.Tensor, stage=None) -> None:
+    """Refuse a non-finite result of a stage ('sampling', 'upscale', 'VAE decode'), naming the
+    stage and the likely cause, instead of handing on an all-NaN latent as a success. The
+    inputs were checked finite, small-enough and of sane size, so the cause is the model."""
+    if bool(torch.isfinite(t).all()):
+        return
+    share = 1.0 - float(torch.isfinite(t).float().mean())
+    where = "the output" if stage is None else f"stage {stage.index} ({stage.pixel_size[0]}x{stage.pixel_size[1]} px)"
+    fix = ("run the VAE in float32 (ComfyUI's --fp32-vae) or use a VAE fixed for fp16" if what == "VAE decode" else
+           "lower cfg, run the model in float32 (ComfyUI's --force-fp32), or check the model, LoRAs and LinFusion "
+           "weights (one with NaN or huge values)")
+    raise HighResInputError(
+        f"{node}: {what} at {where} gave NaN or infinite values ({share:.0%} of the values); the inputs were "
+        f"finite, so the model overflowed (fp16 overflow, an extreme cfg, or broken weights). Fix: {fix}.")
 
 
 def check_target(node: str, target_px: tuple[int, int], source: str) -> None:

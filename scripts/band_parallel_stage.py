@@ -91,7 +91,113 @@ def parse_args(argv=None) -> argparse.Namespace:
             ap.error(f"{', '.join(given)} belong to the real mode: add --checkpoint PATH")
     if not 0.0 < a.denoise <= 1.0 or a.steps < 1:
         ap.error("--steps must be >= 1 and --denoise in (0, 1]")
+    problem = argument_problem(a)
+    if problem:
+        ap.error(problem)
     return a
+
+
+MAX_LATENT_ABS = 1e4  # as the high-res nodes (nodes/highres_checks.py): VAE latents stay within about 50
+MAX_SAFETENSORS_HEADER = 100 << 20
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """Why `path` is not a readable .safetensors file (from its first bytes), or None."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            size = os.fstat(f.fileno()).st_size
+            if not 2 <= n <= min(MAX_SAFETENSORS_HEADER, size - 8):
+                return "not a .safetensors file (its first 8 bytes are not a safetensors header length)"
+            text = f.read(n)
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e})"
+    import json
+
+    try:
+        header = json.loads(text)
+    except (ValueError, RecursionError):
+        header = None
+    return None if isinstance(header, dict) else "not a .safetensors file (its header is not a JSON object)"
+
+
+def _latent_problem(path: Path) -> str | None:
+    """Why the --latent file cannot be a stage's input (read on rank 0 before anything else)."""
+    import torch
+
+    try:
+        t = read_latent(path)
+    except SystemExit as e:
+        return str(e)
+    where = f"--latent {path}"
+    if t.shape[1] != 4 and bool(t.any()):
+        return (f"{where} has {t.shape[1]} channels; SD1.x, SD2.x and SDXL latents have 4: encode the image with "
+                "this checkpoint's VAE (the latent comes from another model family)")
+    if t.shape[-1] < 2 or t.shape[-2] < 2:
+        return (f"{where} is {t.shape[-1]}x{t.shape[-2]} cells ({t.shape[-1] * 8}x{t.shape[-2] * 8} px); the "
+                "smallest stage is 2x2 cells (16 px): give the previous stage's latent")
+    if not bool(torch.isfinite(t).all()):
+        return f"{where} holds NaN or infinite values: re-run the stage that made it"
+    peak = float(t.abs().max())
+    if peak > MAX_LATENT_ABS:
+        return (f"{where} holds values up to {peak:.3g}, far beyond a real latent (|x| <= {MAX_LATENT_ABS:g}): give "
+                "a latent made by a VAE or a sampler")
+    return None
+
+
+def _out_problem(out: Path) -> str | None:
+    """Why rank 0 could not write --out (checked before any work), or None."""
+    if out.is_dir():
+        return f"--out {out} is a folder: give a file name (e.g. {out / 'stage.safetensors'})"
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        return f"--out {out} cannot be written ({parent} is not a folder this user can write to): choose another path"
+    return None
+
+
+def argument_problem(a: argparse.Namespace) -> str | None:
+    """The first argument that cannot work, as a one-line message with the fix; checked on every
+    rank before any process group, model or ComfyUI is set up (the input latent and --out only
+    on rank 0, the one that reads and writes them)."""
+    import math
+
+    rank0 = os.environ.get("RANK", "0") == "0"
+    if not (math.isfinite(a.timeout) and 1 <= a.timeout <= 86400):
+        return f"--timeout {a.timeout}: give the seconds a collective may take, from 1 to 86400"
+    if not math.isfinite(a.cfg) or not 0 <= a.cfg <= 100:
+        return f"--cfg {a.cfg}: give a finite guidance scale from 0 to 100"
+    if a.softmax_max_tokens < 0 or a.softmax_max_tokens > 1 << 24:
+        return f"--softmax-max-tokens {a.softmax_max_tokens}: give 0 (off) up to {1 << 24}"
+    if a.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            return "--device cuda, but torch sees no CUDA device: use --device cpu"
+    if a.checkpoint is None:
+        if a.px < 64 or a.px % 64:
+            return f"--px {a.px}: give the image side in pixels as a multiple of 64 from 64 on (e.g. 1024)"
+        if a.channels is not None and (a.channels < 32 or a.channels % 32):
+            return (f"--channels {a.channels}: give model_channels as a multiple of 32 from 32 on (GroupNorm), or "
+                    "leave it out")
+        if not {"RANK", "WORLD_SIZE", "MASTER_ADDR"} <= set(os.environ):
+            return ("random mode runs under torchrun: torchrun --standalone --nproc-per-node 2 "
+                    "scripts/band_parallel_stage.py --device cpu --channels 32 --px 256 --check")
+        return None
+    if not a.checkpoint.is_file():
+        return f"--checkpoint {a.checkpoint}: no such file on {socket.gethostname()}"
+    why = _safetensors_problem(a.checkpoint)
+    if why:
+        return f"--checkpoint {a.checkpoint}: {why}: give a .safetensors checkpoint of SD1.x, SD2.x or SDXL"
+    if rank0 and a.latent is not None:
+        why = _latent_problem(a.latent)
+        if why:
+            return why
+    if rank0 and a.image is not None and not a.image.is_file():
+        return f"--image {a.image}: no such file"
+    return _out_problem(a.out) if rank0 else None
 
 
 # --------------------------------------------------------------------------------------------

@@ -35,9 +35,11 @@ import argparse
 import base64
 import contextlib
 import json
+import math
 import os
 import socket
 import ssl
+import stat
 import struct
 import sys
 import time
@@ -134,11 +136,26 @@ def load_workflow(path: str | Path) -> dict:
         text = chunks.get("workflow") or chunks.get("prompt")
         if text is None:
             raise WorkflowError(f"{path}: this PNG carries no ComfyUI workflow")
-        return json.loads(text)
-    try:
-        return json.loads(data)
-    except ValueError as e:
-        raise WorkflowError(f"{path}: not a JSON workflow ({e})") from None
+        try:
+            workflow = json.loads(text)
+        except (ValueError, RecursionError) as e:
+            raise WorkflowError(f"{path}: the workflow embedded in this PNG is not valid JSON ({str(e)[:200]}): "
+                                "open the image in ComfyUI and save the workflow as a .json file") from None
+    else:
+        try:
+            workflow = json.loads(data)
+        except (ValueError, RecursionError) as e:
+            raise WorkflowError(f"{path}: not a JSON workflow ({str(e)[:200]})") from None
+    if not isinstance(workflow, dict):
+        raise WorkflowError(f"{path}: the JSON is {_json_kind(workflow)}, not a workflow: give a file saved by "
+                            "ComfyUI (UI format: an object with 'nodes' and 'links'; API format: node id -> "
+                            "class_type and inputs)")
+    return workflow
+
+
+def _json_kind(value) -> str:
+    return {list: "a list", str: "a string", bool: "true/false", type(None): "null"}.get(
+        type(value), "a number" if isinstance(value, (int, float)) else type(value).__name__)
 
 
 def _png_text_chunks(data: bytes) -> dict[str, str]:
@@ -549,8 +566,13 @@ class ComfyClient:
 
     def upload(self, path: Path) -> str:
         boundary = uuid.uuid4().hex
+        with open(path, "rb") as f:  # bounded: a device or a file grown since the check cannot exhaust memory
+            data = f.read(MAX_UPLOAD_BYTES + 1)
+        if len(data) > MAX_UPLOAD_BYTES:
+            raise WorkflowError(f"--input-file {path}: larger than {MAX_UPLOAD_BYTES >> 20} MiB, the most this runner "
+                                "uploads: copy it into ComfyUI's input folder instead")
         body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{path.name}\"\r\n"
-                f"Content-Type: application/octet-stream\r\n\r\n").encode() + path.read_bytes() + (
+                f"Content-Type: application/octet-stream\r\n\r\n").encode() + data + (
                 f"\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"overwrite\"\r\n\r\ntrue\r\n"
                 f"--{boundary}--\r\n").encode()
         out = self.request("/upload/image", body, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
@@ -596,6 +618,7 @@ class RunResult:
     seconds: float
     saved: list[Path] = field(default_factory=list)
     sizes: dict[Path, tuple[int, int]] = field(default_factory=dict)
+    refused: list[str] = field(default_factory=list)  # outputs not saved: they would leave the output folder
 
 
 class Progress:
@@ -706,7 +729,10 @@ def run_prompt(client: ComfyClient, prompt: dict, workflow: dict | None = None, 
 def output_items(history: dict, include_temp: bool = False) -> list[dict]:
     """File entries ({filename, subfolder, type}) the prompt's nodes reported, in node order."""
     items = []
-    for node_out in history.get("outputs", {}).values():
+    outputs = history.get("outputs") if isinstance(history, dict) else None
+    for node_out in (outputs.values() if isinstance(outputs, dict) else ()):
+        if not isinstance(node_out, dict):
+            continue
         for values in node_out.values():
             if not isinstance(values, list):
                 continue
@@ -724,13 +750,90 @@ def image_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
-def save_outputs(client: ComfyClient, result: RunResult, folder: Path, include_temp: bool = False) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
+class UnsafeOutputError(WorkflowError):
+    """The server named an output file that would be written outside the output folder."""
+
+
+def _name_problem(part) -> str | None:
+    """Why `part` cannot be one file or folder name inside the output folder (None: it can)."""
+    if not isinstance(part, str):
+        return f"is {_json_kind(part)}, not a name"
+    if part in ("", ".", ".."):
+        return "is empty, '.' or '..'"
+    if "/" in part or "\\" in part or (len(part) > 1 and part[1] == ":"):
+        return "holds a path separator or a drive"
+    if any(ord(c) < 32 or ord(c) == 127 for c in part):
+        return "holds control characters"
+    if len(part.encode("utf-8", "surrogatepass")) > 255:
+        return "is longer than 255 bytes"
+    return None
+
+
+def output_target(root: Path, folder: Path, item: dict) -> Path:
+    """Where an output entry of the server's history goes: `folder`/subfolder/filename, only if
+    that stays inside `root` (the -o folder) whatever the server says. Refused (UnsafeOutputError):
+    a name or subfolder part that is not a plain name (absolute, '..', separators, control
+    characters, not a string), a type other than output/temp/input, and a path that leaves
+    `root` through a symbolic link. Creates the subfolders it checks."""
+    shown = {k: (v if not isinstance(v, str) or len(v) <= 80 else v[:77] + "...")
+             for k, v in item.items() if k in ("filename", "subfolder", "type")}
+
+    def refuse(why: str) -> UnsafeOutputError:
+        return UnsafeOutputError(f"refused an output the server named ({shown}): {why}; nothing was written "
+                                 f"outside {root}. Fix: use a --server you trust")
+
+    kind = item.get("type", "output")
+    if kind not in ("output", "temp", "input"):
+        raise refuse("its type is not output, temp or input")
+    sub = item.get("subfolder") or ""
+    if not isinstance(sub, str):
+        raise refuse(f"its subfolder {_name_problem(sub)}")
+    parts = [p for p in sub.replace("\\", "/").split("/") if p not in ("", ".")] if not sub.startswith(("/", "\\")) \
+        else None
+    if parts is None:
+        raise refuse("its subfolder is an absolute path")
+    for part in [*parts, item.get("filename")]:
+        why = _name_problem(part)
+        if why:
+            raise refuse(f"a part of its path ({part!r}) {why}" if isinstance(part, str) else f"its filename {why}")
+    top = root.resolve()
+    target = folder.joinpath(*parts, item["filename"])
+    # create the folders one at a time, each checked to resolve inside the output folder (a
+    # symbolic link there, planted or not, may point anywhere)
+    here = folder
+    for part in [None, *parts]:
+        here = here if part is None else here / part
+        try:
+            here.mkdir(parents=part is None, exist_ok=True)
+        except OSError as e:
+            raise refuse(f"cannot make the folder {here} ({e.strerror or e})") from None
+        if not here.resolve().is_relative_to(top):
+            raise refuse(f"{here} leads outside the output folder (a symbolic link)")
+    if target.is_symlink() or target.exists() and not target.is_file():
+        raise refuse(f"{target} exists and is a symbolic link or not a file")
+    return target
+
+
+def _write_new(target: Path, data: bytes) -> None:
+    """Write without following a symbolic link put at `target` meanwhile."""
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+def save_outputs(client: ComfyClient, result: RunResult, folder: Path, include_temp: bool = False,
+                 root: Path | None = None) -> None:
+    """Download the prompt's output files into `folder` (inside `root`, the -o folder). An entry
+    that would leave `root` is not downloaded; its message goes to `result.refused`."""
+    root = folder if root is None else root
     for item in output_items(result.history, include_temp):
+        try:
+            target = output_target(root, folder, item)
+        except UnsafeOutputError as e:
+            result.refused.append(str(e))
+            continue
         data = client.download(item)
-        target = folder / item.get("subfolder", "") / item["filename"]
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(data)
+        _write_new(target, data)
         result.saved.append(target)
         size = image_size(data)
         if size:
@@ -753,11 +856,49 @@ def prepare(workflow: dict, object_info: dict, scale: float | None = None, sets:
     return prompt
 
 
+MAX_UPLOAD_BYTES = 1 << 30  # --input-file: read at most this much (ComfyUI's own default limit is 100 MB)
+
+
 def _parse_scale(text: str) -> float:
-    if "/" in text:
-        a, b = text.split("/", 1)
-        return float(a) / float(b)
-    return float(text)
+    """--scale F or A/B: a finite factor above 0 (argparse prints the message and exits 2)."""
+    try:
+        if "/" in text:
+            a, b = text.split("/", 1)
+            value = float(a) / float(b)
+        else:
+            value = float(text)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number or a fraction A/B with B not 0 (e.g. 0.25 or "
+                                         "1/8)") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} gives {value}; the factor must be a finite number above 0 "
+                                         "(e.g. 0.25 or 1/8; 1 keeps the sizes)")
+    return value
+
+
+def _parse_timeout(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r}: give the seconds per workflow as a number above 0")
+    return value
+
+
+def check_input_files(paths: list[Path]) -> str | None:
+    """Why an --input-file cannot be uploaded (checked before any server starts), or None."""
+    for p in paths:
+        try:
+            st = p.stat()
+        except OSError as e:
+            return f"--input-file {p}: {e.strerror or e}: give an existing image file"
+        if not stat.S_ISREG(st.st_mode):
+            return f"--input-file {p}: not a regular file (a device, pipe or folder): give an image file"
+        if st.st_size > MAX_UPLOAD_BYTES:
+            return (f"--input-file {p}: {st.st_size / 2**20:.0f} MiB, above the {MAX_UPLOAD_BYTES >> 20} MiB this "
+                    "runner uploads: copy it into ComfyUI's input folder instead")
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -783,7 +924,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="upload a file into the server's input folder first (e.g. the image a LoadImage names)")
     ap.add_argument("--api-out", type=Path, metavar="FILE",
                     help="write the converted API prompt here (with one workflow) and exit without running")
-    ap.add_argument("--timeout", type=float, help="seconds per workflow before it is interrupted")
+    ap.add_argument("--timeout", type=_parse_timeout, help="seconds per workflow before it is interrupted")
     ap.add_argument("--previews", action="store_true", help="also save preview (temp) images")
     ap.add_argument("--quiet", "-q", action="store_true", help="no progress lines")
     a = ap.parse_args(argv)
@@ -792,6 +933,10 @@ def main(argv: list[str] | None = None) -> int:
         if not a.quiet:
             print(msg, file=sys.stderr, flush=True)
 
+    problem = check_input_files(a.input_file)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     workflows = []
     for path in a.workflows:
         try:
@@ -835,7 +980,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"error: {path}: {e}", file=sys.stderr)
                 code = max(code, 3 if "rejected" in str(e) else 1)
                 continue
-            save_outputs(client, result, a.output / path.stem, a.previews)
+            save_outputs(client, result, a.output / path.stem, a.previews, root=a.output)
+            for msg in result.refused:
+                print(f"error: {path}: {msg}", file=sys.stderr)
+                code = max(code, 1)
             for p in result.saved:
                 size = result.sizes.get(p)
                 print(f"{p}" + (f"  {size[0]}x{size[1]}" if size else ""))
