@@ -189,10 +189,13 @@ class NoiseAxis:
     """Reference timesteps <-> the model's sigmas. Discrete models (ComfyUI's
     ModelSamplingDiscrete and its subclasses: SD1.x/2.x/XL, LCM, v-prediction) use their own
     model_sampling, which is the reference's schedule. Models without a timestep axis (EDM,
-    continuous v: Playground v2.5, ModelSamplingContinuousEDM) use the noise level the
-    reference timestep means (SD's training schedule, linfusion.highres.reference_sigmas), so a
-    strength and DemoFusion's cosine factor mean the same noise level on every model. Flow
-    models (CONST) have no such equivalent here and are refused."""
+    continuous v: Playground v2.5, ModelSamplingContinuousEDM) use the signal-to-noise ratio
+    the reference timestep means (SD's training schedule, linfusion.highres.reference_sigmas,
+    on latents of unit scale): sigma = sigma_data x the reference sigma, since an EDM latent
+    has std sigma_data (0.5 for Playground v2.5) and SNR = (sigma_data / sigma)^2. So a
+    strength and DemoFusion's cosine factor mean the same SNR on every model (issue 23: the
+    bare reference sigma on an EDM model was a 4x lower SNR, stage 1 at SD's t ~ 510 instead of
+    301). Flow models (CONST) have no such equivalent here and are refused."""
 
     def __init__(self, model, node_name: str = "LinFusion high-res"):
         self.ms = model.get_model_object("model_sampling")
@@ -202,19 +205,20 @@ class NoiseAxis:
                 f"{node_name}: this model samples by flow matching ({type(self.ms).__name__}); the high-res "
                 "stages define strength as an SD-style noise level, which flow models do not have. Fix: use an "
                 "SD1.x, SD2.x or SDXL-type model (eps, v-prediction or EDM sampling).")
+        self.sigma_data = 1.0 if self.discrete else float(getattr(self.ms, "sigma_data", 1.0))
 
     def sigma(self, t: float) -> float:
         """The model's sigma at reference timestep t."""
         if self.discrete:
             return float(self.ms.sigma(torch.tensor(float(t))))
         lo, hi = float(self.ms.sigma_min), float(self.ms.sigma_max)
-        return min(max(hr.reference_sigma(t), lo), hi)
+        return min(max(self.sigma_data * hr.reference_sigma(t), lo), hi)
 
     def timestep(self, sigma) -> float:
         """The reference timestep (0..999) of a sigma (a tensor or float)."""
         if self.discrete:
             return float(self.ms.timestep(torch.as_tensor(sigma).reshape(-1)[:1]).flatten()[0])
-        return hr.reference_timestep_of_sigma(float(torch.as_tensor(sigma).reshape(-1)[0]))
+        return hr.reference_timestep_of_sigma(float(torch.as_tensor(sigma).reshape(-1)[0]) / self.sigma_data)
 
 
 class _ScheduleFrom:

@@ -614,18 +614,41 @@ def test_edm_model_refines_by_noise_level(H, hrm):
     ms = edm.get_model_object("model_sampling")
     assert abs(float(ms.timestep(torch.tensor([0.5])))) < 1  # what the old code took for t
     axis = H.NoiseAxis(edm)
-    assert axis.sigma(301) == pytest.approx(hrm.reference_sigma(301)) and not axis.discrete
-    assert axis.timestep(torch.tensor([hrm.reference_sigma(141)])) == pytest.approx(141, abs=1e-4)
+    assert axis.sigma(301) == pytest.approx(0.5 * hrm.reference_sigma(301)) and not axis.discrete
+    assert axis.timestep(torch.tensor([0.5 * hrm.reference_sigma(141)])) == pytest.approx(141, abs=1e-4)
     calls = UnetCalls(edm)
     try:
         out, rep = run(H, edm, (64, 64), base_latent(hw=(4, 4)), kind="sdxl", method="demofusion", steps=10)
     finally:
         calls.close()
-    assert rep.start_sigmas[0] == pytest.approx(hrm.reference_sigma(301), rel=1e-5) and torch.isfinite(out).all()
+    assert rep.start_sigmas[0] == pytest.approx(0.5 * hrm.reference_sigma(301), rel=1e-5) and torch.isfinite(out).all()
     sg = H.stage_sigmas(edm, rep.stages[0], "euler", "normal", axis)
     with_dilated = [s for s in sg[:-1] if hrm.cosine_weights(axis.timestep(s))[1] > 0]
     assert len(with_dilated) >= 2
     assert len([c for c in calls.calls if c[1] == (2, 2)]) == len(with_dilated)
+
+
+def test_edm_stage_starts_at_the_reference_snr(H, hrm):
+    """Issue 23: an EDM model's latents have std sigma_data (Playground v2.5: 0.5; ComfyUI's
+    comfy/model_sampling.py ModelSamplingContinuousEDM.set_parameters and
+    comfy_extras/nodes_model_advanced.py ModelSamplingContinuousEDM 'edm_playground_v2.5'),
+    so its signal-to-noise ratio at sigma is (sigma_data / sigma)^2, where SDXL's discrete
+    schedule has alpha_bar / (1 - alpha_bar) = 1 / sigma^2. Stage 1 (strength 0.32 at 50
+    steps: t = 301) must start at SDXL's SNR at t = 301, not at SDXL's bare sigma (4x lower SNR,
+    like SD's t ~ 510)."""
+    import comfy_extras.nodes_model_advanced as nma
+
+    sdxl = helpers.small_model("sdxl")
+    edm = nma.ModelSamplingContinuousEDM().patch(sdxl, "edm_playground_v2.5", 80.0, 0.002)[0]
+    ms = edm.get_model_object("model_sampling")
+    assert float(ms.sigma_data) == 0.5
+    snr_sdxl = 1.0 / float(sdxl.get_model_object("model_sampling").sigmas[301]) ** 2  # abar / (1 - abar)
+    out, rep = run(H, edm, (64, 64), base_latent(hw=(4, 4)), kind="sdxl", method="demofusion", steps=50)
+    assert rep.stages[0].start_timestep == 301 and torch.isfinite(out).all()
+    snr_edm = (float(ms.sigma_data) / rep.start_sigmas[0]) ** 2
+    assert snr_edm == pytest.approx(snr_sdxl, rel=0.01), (snr_edm, snr_sdxl)
+    # and back: the sampler's sigmas map to the reference timesteps DemoFusion's factors use
+    assert H.NoiseAxis(edm).timestep(rep.start_sigmas[0]) == pytest.approx(301, abs=0.05)
 
 
 def test_flow_model_refused(H):
