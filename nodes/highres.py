@@ -33,6 +33,7 @@ the low-memory cond/uncond split lives in a clone's model_options.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from contextlib import contextmanager
@@ -54,7 +55,7 @@ from ..linfusion import lowmem, tiling
 from .highres_checks import check_inputs, check_memory, check_target
 from .lowmem import low_memory_estimate, low_memory_unet
 from .multigpu import is_band_parallel
-from .schema import HIGHRES_CATEGORY, schema
+from .schema import DISPLAY_NAMES, HIGHRES_CATEGORY, schema
 
 log = logging.getLogger("ComfyUI-LinFusion")
 
@@ -731,8 +732,15 @@ def _pick(values: dict, names) -> dict:
     return {k: values[k] for k in names if k in values}
 
 
+# The names messages use: the display names carry search words too (schema.py), which would
+# only clutter an error line.
+MESSAGE_NAMES = {"LinFusionHighResSampler": "LinFusion High-Res Sampler",
+                 "LinFusionHighResSamplerAdvanced": "LinFusion High-Res Sampler (advanced)",
+                 "LinFusionSuperResolution": "LinFusion Super-Resolution"}
+
+
 def _name(cls) -> str:
-    return cls.define_schema().display_name
+    return MESSAGE_NAMES[cls.define_schema().node_id]
 
 
 def _checked(cls, values: dict) -> dict:
@@ -741,7 +749,8 @@ def _checked(cls, values: dict) -> dict:
     values = {k: v for k, v in values.items() if k not in ("cls", "kw", "__class__")}
     model = values.get("model")
     fmt = model.get_model_object("latent_format") if hasattr(model, "get_model_object") else None
-    return check_inputs(cls.define_schema(), values, getattr(fmt, "latent_channels", None))
+    named = dataclasses.replace(cls.define_schema(), display_name=_name(cls))
+    return check_inputs(named, values, getattr(fmt, "latent_channels", None))
 
 
 class StageImages:
@@ -782,7 +791,7 @@ class LinFusionHighResSampler(io.ComfyNode):
         return schema(
             node_id="LinFusionHighResSampler",
             search_aliases=SEARCH_ALIASES,
-            display_name="LinFusion High-Res Sampler",
+            display_name=DISPLAY_NAMES["LinFusionHighResSampler"],
             category=HIGHRES_CATEGORY,
             description=(
                 "Upscales a generated latent to a high resolution in x2 stages, re-denoising each stage with the "
@@ -819,7 +828,7 @@ class LinFusionHighResSamplerAdvanced(io.ComfyNode):
         return schema(
             node_id="LinFusionHighResSamplerAdvanced",
             search_aliases=SEARCH_ALIASES,
-            display_name="LinFusion High-Res Sampler (advanced)",
+            display_name=DISPLAY_NAMES["LinFusionHighResSamplerAdvanced"],
             category=HIGHRES_CATEGORY,
             description=(
                 "High-resolution generation from a base latent in x2 stages: progressive SDEdit or DemoFusion-style "
@@ -854,8 +863,8 @@ class LinFusionSuperResolution(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return schema(
             node_id="LinFusionSuperResolution",
-            search_aliases=["upscale image", "super resolution", "hires", "img2img upscale", "demofusion"],
-            display_name="LinFusion Super-Resolution",
+            search_aliases=["upscale", "upscale image", "super resolution", "hires", "img2img upscale", "demofusion"],
+            display_name=DISPLAY_NAMES["LinFusionSuperResolution"],
             category=HIGHRES_CATEGORY,
             description=(
                 "Upscales an existing image with the model: 'single' goes straight to the target in one stage "
