@@ -870,9 +870,10 @@ class LinFusionSuperResolution(io.ComfyNode):
                 "Upscales an existing image with the model: 'single' goes straight to the target in one stage "
                 "(the reference super-resolution pipeline: bicubic to the target, encode, refine with dilation "
                 "ceil(target long side / the model's native long side, 1024 for SDXL)); 'progressive' runs x2 "
-                "stages like the high-res sampler. The reference README's chain for larger factors (x2, "
-                "repeat: each run at 0.32, the dilation rising with the size) is stages 'progressive' with "
-                "strength_schedule 'constant', in one node; 'auto' lowers the strength per stage instead."
+                "stages like the high-res sampler. The reference's only repeated super-resolution (its low-memory "
+                "SDXL notebook: x2 calls at 0.32, 0.24, 0.16, 0.08, the linear schedule, each conditioned on its "
+                "own output size) is stages 'progressive' with strength_schedule 'auto' (linear for demofusion) "
+                "and size_conditioning 'per stage', in one node."
             ),
             inputs=[
                 *_conditioning_inputs(),
@@ -880,7 +881,9 @@ class LinFusionSuperResolution(io.ComfyNode):
                 io.Vae.Input("vae", tooltip="The model's VAE: encodes the image and decodes the result."),
                 *_target_inputs(2.0),
                 io.Combo.Input("stages", options=["single", "progressive"], default="single",
-                               tooltip="single: one stage to the target (reference). progressive: x2 stages."),
+                               tooltip=("single: one stage to the target (the reference pipeline). progressive: x2 "
+                                        "stages, with strength_schedule auto/linear the reference notebook's chain "
+                                        "(0.32, 0.24, 0.16, 0.08 over four x2 stages).")),
                 *_sampling_inputs(),
                 *_refine_inputs(),
             ],

@@ -651,6 +651,41 @@ def test_edm_stage_starts_at_the_reference_snr(H, hrm):
     assert H.NoiseAxis(edm).timestep(rep.start_sigmas[0]) == pytest.approx(301, abs=0.05)
 
 
+def test_every_stage_scales_its_first_unet_input(H, hrm):
+    """Issue 23, item 10: the reference scales the UNet input (scheduler.scale_model_input)
+    BEFORE it resets its scheduler's step index for a new stage, so the first local call of each
+    stage gets the unscaled latent: 1/c_in = sqrt(sigma^2 + 1) = 1.30x too large at strength 0.32
+    (t = 301 on SDXL), 1.18x, 1.09x, 1.03x at 0.24, 0.16, 0.08; its dilated calls are off by 1-3%
+    (../shared/docs/linfusion-reference.md). The pack deliberately does NOT copy this quirk: every
+    model call goes through ComfyUI (comfy/model_base.py BaseModel._apply_model:
+    model_sampling.calculate_input), so every call, the first of each stage included, sees
+    x / sqrt(sigma^2 + 1). Do not "fix" this to match the reference."""
+    sdxl = helpers.small_model("sdxl")
+    seen, unet_in = [], []
+    orig = sdxl.model.apply_model
+
+    def spy(x, t, *args, **kw):
+        seen.append((x.detach().clone(), float(t.flatten()[0])))
+        return orig(x, t, *args, **kw)
+
+    sdxl.model.apply_model = spy
+    unet = sdxl.model.diffusion_model
+    hook = unet.register_forward_pre_hook(lambda _m, args: unet_in.append(args[0].detach().clone()))
+    try:
+        _, rep = run(H, sdxl, (128, 128), base_latent(hw=(4, 4)), kind="sdxl", method="demofusion", steps=50)
+    finally:
+        hook.remove()
+        del sdxl.model.apply_model
+    assert len(seen) == len(unet_in) and len(rep.stages) == 2
+    firsts = [next(i for i, (_, sg) in enumerate(seen) if sg == pytest.approx(s0, rel=1e-6)) for s0 in rep.start_sigmas]
+    assert firsts[0] == 0 and firsts[1] > 0
+    for i in firsts:
+        x, sigma = seen[i]
+        torch.testing.assert_close(unet_in[i], x / (sigma**2 + 1) ** 0.5, rtol=1e-5, atol=1e-6)
+    # what copying the quirk would change at stage 1 (strength 0.32: t = 301)
+    assert (rep.start_sigmas[0] ** 2 + 1) ** 0.5 == pytest.approx(1.30, abs=0.01)
+
+
 def test_flow_model_refused(H):
     import comfy_extras.nodes_model_advanced as nma
 
