@@ -174,19 +174,33 @@ try {
           changed.push(`${id}.${wname}=${value}`);
         }
       }
+      // Start from an idle server (a run that timed out before is let finish), then take only
+      // the events of this prompt: the first one started after queueing.
+      const t0 = Date.now();
+      for (;;) {
+        const queue = await (await fetch('/api/queue')).json();
+        if (!queue.queue_running.length && !queue.queue_pending.length) break;
+        if (Date.now() - t0 > timeout) return { outcome: 'server busy', changed, images: [], boxes: [], groups: [] };
+        await new Promise((ok) => setTimeout(ok, 500));
+      }
       const events = [];
       const handlers = [];
+      let ours = null;
       const done = new Promise((resolve) => {
         const timer = setTimeout(() => resolve('timeout'), timeout);
         const on = (type) => {
           const h = (e) => {
+            const id = e.detail?.prompt_id;
+            if (type === 'execution_start' && ours === null) ours = id;
+            if (id !== undefined && id !== ours) return;
             events.push({ type, detail: e.detail });
-            if (type !== 'executed') { clearTimeout(timer); resolve(type); }
+            if (!['executed', 'execution_start'].includes(type)) { clearTimeout(timer); resolve(type); }
           };
           api.addEventListener(type, h);
           handlers.push([type, h]);
         };
-        on('executed'); on('execution_success'); on('execution_error'); on('execution_interrupted');
+        on('execution_start'); on('executed'); on('execution_success'); on('execution_error');
+        on('execution_interrupted');
       });
       await app.queuePrompt(0, 1);
       const outcome = await done;

@@ -123,7 +123,7 @@ def ui(wf, object_info) -> dict:
            "viewport": VIEWPORT, "search": list(SEARCH), "templates": {"pack": pack, "names": NAMES},
            "runs": runs, "timeout_ms": 300_000}
     t0 = time.monotonic()
-    r = subprocess.run(["node", str(DRIVER)], input=json.dumps(job), capture_output=True, text=True, timeout=600,
+    r = subprocess.run(["node", str(DRIVER)], input=json.dumps(job), capture_output=True, text=True, timeout=1500,
                        cwd=str(REPO))
     wall = time.monotonic() - t0
     assert r.returncode == 0, f"browser driver failed (exit {r.returncode}):\n{r.stderr[-4000:]}"
