@@ -24,7 +24,7 @@ from ..linfusion.patching import (
 )
 from . import loaders, weights_store
 from .highres_checks import HighResInputError, check_number
-from .schema import CATEGORY, schema
+from .schema import CATEGORY, DISPLAY_NAMES, schema
 
 log = logging.getLogger("ComfyUI-LinFusion")
 PREFIX = "diffusion_model."
@@ -208,9 +208,9 @@ class ApplyLinFusion(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return schema(
             node_id="ApplyLinFusion",
-            display_name="Apply LinFusion",
+            display_name=DISPLAY_NAMES["ApplyLinFusion"],
             category=CATEGORY,
-            search_aliases=["linear attention", "high resolution", "16K", "ultra", "patch model"],
+            search_aliases=["apply linfusion", "linear attention", "high resolution", "16K", "ultra", "patch model"],
             description=(
                 "Replaces every self-attention layer of an SD1.x, SD2.x or SDXL UNet with LinFusion's linear "
                 "attention, whose cost grows linearly with the number of pixels: high resolutions become "

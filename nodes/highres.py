@@ -33,6 +33,7 @@ the low-memory cond/uncond split lives in a clone's model_options.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from contextlib import contextmanager
@@ -54,7 +55,7 @@ from ..linfusion import lowmem, tiling
 from .highres_checks import check_finite_output, check_inputs, check_memory, check_target
 from .lowmem import low_memory_estimate, low_memory_unet
 from .multigpu import is_band_parallel
-from .schema import HIGHRES_CATEGORY, schema
+from .schema import DISPLAY_NAMES, HIGHRES_CATEGORY, schema
 
 log = logging.getLogger("ComfyUI-LinFusion")
 
@@ -189,10 +190,13 @@ class NoiseAxis:
     """Reference timesteps <-> the model's sigmas. Discrete models (ComfyUI's
     ModelSamplingDiscrete and its subclasses: SD1.x/2.x/XL, LCM, v-prediction) use their own
     model_sampling, which is the reference's schedule. Models without a timestep axis (EDM,
-    continuous v: Playground v2.5, ModelSamplingContinuousEDM) use the noise level the
-    reference timestep means (SD's training schedule, linfusion.highres.reference_sigmas), so a
-    strength and DemoFusion's cosine factor mean the same noise level on every model. Flow
-    models (CONST) have no such equivalent here and are refused."""
+    continuous v: Playground v2.5, ModelSamplingContinuousEDM) use the signal-to-noise ratio
+    the reference timestep means (SD's training schedule, linfusion.highres.reference_sigmas,
+    on latents of unit scale): sigma = sigma_data x the reference sigma, since an EDM latent
+    has std sigma_data (0.5 for Playground v2.5) and SNR = (sigma_data / sigma)^2. So a
+    strength and DemoFusion's cosine factor mean the same SNR on every model (issue 23: the
+    bare reference sigma on an EDM model was a 4x lower SNR, stage 1 at SD's t ~ 510 instead of
+    301). Flow models (CONST) have no such equivalent here and are refused."""
 
     def __init__(self, model, node_name: str = "LinFusion high-res"):
         self.ms = model.get_model_object("model_sampling")
@@ -202,19 +206,20 @@ class NoiseAxis:
                 f"{node_name}: this model samples by flow matching ({type(self.ms).__name__}); the high-res "
                 "stages define strength as an SD-style noise level, which flow models do not have. Fix: use an "
                 "SD1.x, SD2.x or SDXL-type model (eps, v-prediction or EDM sampling).")
+        self.sigma_data = 1.0 if self.discrete else float(getattr(self.ms, "sigma_data", 1.0))
 
     def sigma(self, t: float) -> float:
         """The model's sigma at reference timestep t."""
         if self.discrete:
             return float(self.ms.sigma(torch.tensor(float(t))))
         lo, hi = float(self.ms.sigma_min), float(self.ms.sigma_max)
-        return min(max(hr.reference_sigma(t), lo), hi)
+        return min(max(self.sigma_data * hr.reference_sigma(t), lo), hi)
 
     def timestep(self, sigma) -> float:
         """The reference timestep (0..999) of a sigma (a tensor or float)."""
         if self.discrete:
             return float(self.ms.timestep(torch.as_tensor(sigma).reshape(-1)[:1]).flatten()[0])
-        return hr.reference_timestep_of_sigma(float(torch.as_tensor(sigma).reshape(-1)[0]))
+        return hr.reference_timestep_of_sigma(float(torch.as_tensor(sigma).reshape(-1)[0]) / self.sigma_data)
 
 
 class _ScheduleFrom:
@@ -729,8 +734,15 @@ def _pick(values: dict, names) -> dict:
     return {k: values[k] for k in names if k in values}
 
 
+# The names messages use: the display names carry search words too (schema.py), which would
+# only clutter an error line.
+MESSAGE_NAMES = {"LinFusionHighResSampler": "LinFusion High-Res Sampler",
+                 "LinFusionHighResSamplerAdvanced": "LinFusion High-Res Sampler (advanced)",
+                 "LinFusionSuperResolution": "LinFusion Super-Resolution"}
+
+
 def _name(cls) -> str:
-    return cls.define_schema().display_name
+    return MESSAGE_NAMES[cls.define_schema().node_id]
 
 
 def _checked(cls, values: dict) -> dict:
@@ -739,7 +751,8 @@ def _checked(cls, values: dict) -> dict:
     values = {k: v for k, v in values.items() if k not in ("cls", "kw", "__class__")}
     model = values.get("model")
     fmt = model.get_model_object("latent_format") if hasattr(model, "get_model_object") else None
-    return check_inputs(cls.define_schema(), values, getattr(fmt, "latent_channels", None))
+    named = dataclasses.replace(cls.define_schema(), display_name=_name(cls))
+    return check_inputs(named, values, getattr(fmt, "latent_channels", None))
 
 
 class StageImages:
@@ -780,7 +793,7 @@ class LinFusionHighResSampler(io.ComfyNode):
         return schema(
             node_id="LinFusionHighResSampler",
             search_aliases=SEARCH_ALIASES,
-            display_name="LinFusion High-Res Sampler",
+            display_name=DISPLAY_NAMES["LinFusionHighResSampler"],
             category=HIGHRES_CATEGORY,
             description=(
                 "Upscales a generated latent to a high resolution in x2 stages, re-denoising each stage with the "
@@ -817,7 +830,7 @@ class LinFusionHighResSamplerAdvanced(io.ComfyNode):
         return schema(
             node_id="LinFusionHighResSamplerAdvanced",
             search_aliases=SEARCH_ALIASES,
-            display_name="LinFusion High-Res Sampler (advanced)",
+            display_name=DISPLAY_NAMES["LinFusionHighResSamplerAdvanced"],
             category=HIGHRES_CATEGORY,
             description=(
                 "High-resolution generation from a base latent in x2 stages: progressive SDEdit or DemoFusion-style "
@@ -852,16 +865,17 @@ class LinFusionSuperResolution(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return schema(
             node_id="LinFusionSuperResolution",
-            search_aliases=["upscale image", "super resolution", "hires", "img2img upscale", "demofusion"],
-            display_name="LinFusion Super-Resolution",
+            search_aliases=["upscale", "upscale image", "super resolution", "hires", "img2img upscale", "demofusion"],
+            display_name=DISPLAY_NAMES["LinFusionSuperResolution"],
             category=HIGHRES_CATEGORY,
             description=(
                 "Upscales an existing image with the model: 'single' goes straight to the target in one stage "
                 "(the reference super-resolution pipeline: bicubic to the target, encode, refine with dilation "
                 "ceil(target long side / the model's native long side, 1024 for SDXL)); 'progressive' runs x2 "
-                "stages like the high-res sampler. The reference README's chain for larger factors (x2, "
-                "repeat: each run at 0.32, the dilation rising with the size) is stages 'progressive' with "
-                "strength_schedule 'constant', in one node; 'auto' lowers the strength per stage instead."
+                "stages like the high-res sampler. The reference's only repeated super-resolution (its low-memory "
+                "SDXL notebook: x2 calls at 0.32, 0.24, 0.16, 0.08, the linear schedule, each conditioned on its "
+                "own output size) is stages 'progressive' with strength_schedule 'auto' (linear for demofusion) "
+                "and size_conditioning 'per stage', in one node."
             ),
             inputs=[
                 *_conditioning_inputs(),
@@ -869,7 +883,9 @@ class LinFusionSuperResolution(io.ComfyNode):
                 io.Vae.Input("vae", tooltip="The model's VAE: encodes the image and decodes the result."),
                 *_target_inputs(2.0),
                 io.Combo.Input("stages", options=["single", "progressive"], default="single",
-                               tooltip="single: one stage to the target (reference). progressive: x2 stages."),
+                               tooltip=("single: one stage to the target (the reference pipeline). progressive: x2 "
+                                        "stages, with strength_schedule auto/linear the reference notebook's chain "
+                                        "(0.32, 0.24, 0.16, 0.08 over four x2 stages).")),
                 *_sampling_inputs(),
                 *_refine_inputs(),
             ],

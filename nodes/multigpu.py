@@ -42,7 +42,7 @@ from ..linfusion.parallel import (
     split_control,
     split_rows,
 )
-from .schema import CATEGORY, schema
+from .schema import CATEGORY, DISPLAY_NAMES, schema
 
 log = logging.getLogger(__name__)
 PACK_ROOT = Path(__file__).resolve().parents[1]
@@ -354,8 +354,9 @@ class LinFusionMultiGPU(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return schema(
             node_id="LinFusionMultiGPU",
-            display_name="LinFusion Multi-GPU",
+            display_name=DISPLAY_NAMES["LinFusionMultiGPU"],
             category=CATEGORY,
+            is_experimental=True,  # the UI's BETA badge (node, search, library)
             search_aliases=["multi gpu", "several gpus", "distributed", "patch parallel"],
             description=(
                 "Runs every UNet call of this model split into horizontal bands, one per device, with exactly the "

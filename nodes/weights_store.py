@@ -23,6 +23,7 @@ from ..linfusion.weights import (
     load_weights,
 )
 from . import hub_download
+from .progress_text import show_download
 
 FOLDER = "linfusion"
 AUTO = "auto"
@@ -142,7 +143,7 @@ def download(fam: Family, target: Path) -> Path:
             try:
                 hub_download.fetch(url, work / name,
                                    check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted,
-                                   progress=_progress_bar(name))
+                                   progress=_progress_bar(f"{fam.repo_id}/{name}"))
             except hub_download.DownloadError as exc:
                 raise LinFusionWeightsError(
                     f"LinFusion 'auto' needs the weights of {fam.label} and could not download {name} of "
@@ -161,7 +162,8 @@ def download(fam: Family, target: Path) -> Path:
 
 
 def _progress_bar(name: str):
-    """progress(done, total) callback: the node's ComfyUI progress bar in KiB, a log line every 10%."""
+    """progress(done, total) callback: the node's ComfyUI progress bar in KiB, a log line every 10%,
+    and the name and what is left as text on the node (progress_text.show_download)."""
     state = {"bar": None, "logged": -1, "shown": 0.0}
 
     def progress(done: int, total: int | None) -> None:
@@ -174,6 +176,7 @@ def _progress_bar(name: str):
             return
         state["shown"] = now
         state["bar"].update_absolute(done >> 10)
+        show_download(name, done, total)
         tenth = done * 10 // total
         if tenth != state["logged"]:
             state["logged"] = tenth

@@ -143,65 +143,83 @@ class G:
             "links": self.links,
             "groups": self.groups,
             "config": {},
-            "extra": {"ds": {"scale": 0.75, "offset": [40, 60]}},
+            "extra": {"ds": {"scale": VIEW_SCALE, "offset": list(VIEW_OFFSET)}},
             "version": 0.4,
         }
 
 
 # -- layout ------------------------------------------------------------------------------------
-# Left to right, as data flows: model | prompts | base image | upscale | save. Samplers and image
-# nodes grow downwards when they show previews after a run, so nothing is placed below them; the
-# Load Checkpoint -> Apply LinFusion link runs forward. tests/test_browser.py checks that no two
-# node boxes intersect, as loaded and after a queued run.
+# Left to right, as data flows: model (the Note below it) | prompts | base image | [ControlNet] |
+# upscale | save. Samplers and image nodes grow downwards when they show their previews after a
+# run (a square preview adds about its width), so nothing is placed below them and each group
+# leaves them that room (PREVIEW). The saved view (VIEW_SCALE, VIEW_OFFSET) shows the whole graph
+# at a zoom where ComfyUI still draws text (its level of detail switches at 8 px / 14 px = 0.57)
+# in a 1920 x 1080 browser window. tests/test_browser.py checks that no two node boxes intersect
+# and that every node stays inside its group after a run, and the view.
 TOP = 100  # the first row's node tops; titles sit 30 px above, group titles 40 px above those
 GAP = 40
 GROUP_TOP = TOP - 75
+PREVIEW = 400  # room below a sampler or preview node for the image it shows after a run
+PROMPT_X = 440  # the prompt column, under Apply LinFusion
+VIEW_SCALE = 0.6
+VIEW_OFFSET = (100, 120)  # canvas units: the graph's top left clears the UI's side and top bars
 POS_COLOR, NEG_COLOR = ("#232", "#353"), ("#322", "#533")
 
 
-def note(g: G, nid: int, text: str) -> None:
-    """The workflow's Note: what it does and which files, sized so the text needs no scrolling
-    (about 46 characters a line and 17 px a line in the UI's note font at width 360)."""
+def note(g: G, nid: int, text: str, y: int) -> None:
+    """The workflow's Note, below the model group: what it does and which files, sized so the
+    text needs no scrolling (about 46 characters a line and 17 px a line in the UI's note font
+    at width 360)."""
     assert len(text) <= 800, f"{g.name}: keep the note short ({len(text)} characters); details go to the README"
     lines = sum(max(1, -(-len(line) // 46)) for line in text.split("\n"))
-    g.node(nid, "Note", (40, TOP), (360, 40 + 17 * lines), "About this workflow", {"text": text})
+    g.node(nid, "Note", (40, y), (360, 40 + 17 * lines), "About this workflow", {"text": text})
 
 
 def model_group(g: G, ckpt: str, lora: dict | None = None) -> tuple[tuple[int, int], tuple[int, int], int]:
-    """Load Checkpoint [-> LoRA] -> Apply LinFusion, left to right. Returns (model, clip, next x)."""
-    x = 440
-    g.node(1, "CheckpointLoaderSimple", (x, TOP + 60), (340, 100), "Load Checkpoint", {"ckpt_name": ckpt})
+    """Load Checkpoint [above LoRA] -> Apply LinFusion. Returns (model, clip, the group's bottom)."""
+    g.node(1, "CheckpointLoaderSimple", (40, TOP + 60), (340, 100), "Load Checkpoint", {"ckpt_name": ckpt})
     model, clip = (1, 0), (1, 1)
-    x += 340 + GAP
+    bottom = TOP + 180
     if lora is not None:
-        g.node(13, "LoraLoader", (x, TOP + 60), (340, 130), "LoRA", lora, {"model": model, "clip": clip})
+        g.node(13, "LoraLoader", (40, TOP + 210), (340, 130), "LoRA", lora, {"model": model, "clip": clip})
         model, clip = (13, 0), (13, 1)
-        x += 340 + GAP
-    g.node(2, "ApplyLinFusion", (x, TOP), (340, 110), "Apply LinFusion", {"weights": "auto", "softmax_max_tokens": 0},
-           {"model": model})
-    g.group("Model", (420, GROUP_TOP, x + 340 + 20 - 420, TOP + 200 - GROUP_TOP))
-    return (2, 0), clip, x
+        bottom = TOP + 360
+    g.node(2, "ApplyLinFusion", (PROMPT_X, TOP), (340, 110), "Apply LinFusion",
+           {"weights": "auto", "softmax_max_tokens": 0}, {"model": model})
+    g.group("Model", (20, GROUP_TOP, PROMPT_X + 340 + 20 - 20, bottom + 20 - GROUP_TOP))
+    return (2, 0), clip, bottom + 20
 
 
-def prompts(g: G, clip, x: int, pos_text: str, neg_text: str | None) -> int:
-    """Positive and negative prompt below Apply LinFusion; SDXL (neg_text None) gets the zeroed
-    negative of the reference (diffusers' force_zeros_for_empty_prompt): ConditioningZeroOut.
-    Returns the y below them."""
-    y = TOP + 290
-    g.node(3, "CLIPTextEncode", (x, y), (420, 160), "Positive prompt", {"text": pos_text}, {"clip": clip},
-           color=POS_COLOR)
+def prompts(g: G, clip, y: int, pos_text: str, neg_text: str | None, final_px: tuple[int, int] | None = None) -> int:
+    """Positive and negative prompt below Apply LinFusion, from `y` (the prompt group's top).
+    SDXL with a base image (`final_px`): the positive is CLIPTextEncodeSDXL at the final size,
+    since the reference conditions its base generation on the final size too
+    (pipeline_highres_sdxl.py, the added time ids from the target size). SDXL (neg_text None)
+    gets the zeroed negative of the reference (diffusers' force_zeros_for_empty_prompt):
+    ConditioningZeroOut. Returns the y below them."""
+    x, y = PROMPT_X, y + 80
+    if final_px is not None:
+        w, h = final_px
+        g.node(3, "CLIPTextEncodeSDXL", (x, y), (420, 400), "Positive prompt (conditioned on the final size)",
+               {"width": w, "height": h, "crop_w": 0, "crop_h": 0, "target_width": w, "target_height": h,
+                "text_g": pos_text, "text_l": pos_text}, {"clip": clip}, color=POS_COLOR)
+        y += 440
+    else:
+        g.node(3, "CLIPTextEncode", (x, y), (420, 160), "Positive prompt", {"text": pos_text}, {"clip": clip},
+               color=POS_COLOR)
+        y += 200
     if neg_text is None:
-        g.node(4, "ConditioningZeroOut", (x, y + 200), (320, 60), "Negative: zeros (as the reference)", {},
+        g.node(4, "ConditioningZeroOut", (x, y), (320, 60), "Negative: zeros (as the reference)", {},
                {"conditioning": (3, 0)}, color=NEG_COLOR)
-        return y + 300
-    g.node(4, "CLIPTextEncode", (x, y + 200), (420, 130), "Negative prompt", {"text": neg_text}, {"clip": clip},
+        return y + 100
+    g.node(4, "CLIPTextEncode", (x, y), (420, 130), "Negative prompt", {"text": neg_text}, {"clip": clip},
            color=NEG_COLOR)
-    return y + 370
+    return y + 170
 
 
-def prompt_group(g: G, x: int, bottom: int, title: str = "Prompt") -> None:
+def prompt_group(g: G, top: int, bottom: int, title: str = "Prompt") -> None:
     """The group around the prompt column, below the Model group."""
-    g.group(title, (x - 20, TOP + 210, 460, bottom - TOP - 190))
+    g.group(title, (PROMPT_X - 20, top, 460, bottom + 40 - top))
 
 
 def base_image(g: G, x: int, model, pos, neg, latent, ksampler: dict, prefix: str) -> int:
@@ -211,14 +229,14 @@ def base_image(g: G, x: int, model, pos, neg, latent, ksampler: dict, prefix: st
     g.node(7, "VAEDecode", (x + 360, TOP), (220, 50), None, {}, {"samples": (6, 0), "vae": (1, 2)})
     g.node(8, "SaveImage", (x + 360, TOP + 100), (360, 360), "Save base image", {"filename_prefix": prefix},
            {"images": (7, 0)})
-    g.group("Base image", (x - 20, GROUP_TOP, 360 + 360 + 40, 600))
+    g.group("Base image", (x - 20, GROUP_TOP, 360 + 360 + 40, TOP + 270 + PREVIEW + 20 - GROUP_TOP))
     return x + 360 + 360 + 60
 
 
 def upscale(g: G, x: int, kind: str, widgets: dict, links: dict, title: str, height: int, nid: int = 9) -> int:
     """The LinFusion high-res node (`nid`). Returns the next x."""
     g.node(nid, kind, (x, TOP), (360, height), title, widgets, links)
-    g.group("Upscale", (x - 20, GROUP_TOP, 400, height + 120))
+    g.group("Upscale", (x - 20, GROUP_TOP, 400, TOP + height + PREVIEW + 20 - GROUP_TOP))
     return x + 360 + 60
 
 
@@ -236,9 +254,9 @@ def save_final(g: G, x: int, prefix: str, tiled: int = 0, source=(9, 0), save_id
         source = (10, 0)
     else:
         y = TOP
-    g.node(save_id, "SaveImage", (x, y), (520, 560), "Save final image", {"filename_prefix": prefix},
+    g.node(save_id, "SaveImage", (x, y), (440, 500), "Save final image", {"filename_prefix": prefix},
            {"images": source})
-    g.group("Save", (x - 20, GROUP_TOP, 560, y - GROUP_TOP + 600))
+    g.group("Save", (x - 20, GROUP_TOP, 480, y - GROUP_TOP + 540))
 
 
 NEG = "blurry, low quality, lowres, deformed, watermark, text, signature"
@@ -262,37 +280,50 @@ def files_note(fam: str, *names: str) -> str:
 
 # -- the workflows -------------------------------------------------------------------------------
 # Each builder returns (graph named by its template title, family, stage sizes in px, thumbnail subtitle).
+# Node titles say what a node does, never a size or factor: those are widgets a user changes.
+BASE_X = PROMPT_X + 460 + 20  # the base image column, right of the prompt group
+
+
+def head(g: G, ckpt: str, pos: str, neg: str | None, base: tuple[int, int] | None, final: tuple[int, int] | None = None,
+         lora: dict | None = None) -> tuple[tuple[int, int], tuple[int, int], int]:
+    """Model group, prompt group (with the base size when `base`), and the y for the Note.
+    Returns (model, clip, note y)."""
+    model, clip, bottom = model_group(g, ckpt, lora)
+    top = bottom + 20
+    y = prompts(g, clip, top, pos, neg, final)
+    if base is not None:
+        g.node(5, "EmptyLatentImage", (PROMPT_X, y), (320, 110), "Base size",
+               {"width": base[0], "height": base[1], "batch_size": 1})
+        y += 110
+    prompt_group(g, top, y)
+    return model, clip, top + 60
+
+
 def wf_sd15_2k(oi):
     g = G(oi)
     g.name = "SD1.5 512 to 2K with LinFusion"
-    model, clip, x = model_group(g, SD15)
-    y = prompts(g, clip, x, "a cozy alpine village at dusk, warm lights in the windows, snow-covered roofs, "
-                "mountains in the background, highly detailed photograph", NEG)
-    g.node(5, "EmptyLatentImage", (x, y), (320, 110), "Base size", {"width": 512, "height": 512, "batch_size": 1})
-    prompt_group(g, x, y + 150)
-    x = base_image(g, x + 460, model, (3, 0), (4, 0), (5, 0),
+    model, clip, note_y = head(g, SD15, "a cozy alpine village at dusk, warm lights in the windows, snow-covered roofs, "
+                               "mountains in the background, highly detailed photograph", NEG, (512, 512))
+    x = base_image(g, BASE_X, model, (3, 0), (4, 0), (5, 0),
                    {"seed": 42, "steps": 25, "cfg": 7.5, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0},
                    "LinFusion/sd15_512")
     x = upscale(g, x, "LinFusionHighResSampler",
                 {"scale_by": 4.0, "seed": 42, "steps": 50, "cfg": 7.5, "sampler_name": "euler", "scheduler": "normal"},
                 {"model": model, "positive": (3, 0), "negative": (4, 0), "latent_image": (6, 0), "vae": (1, 2)},
-                "High-Res Sampler (x4)", 300)
+                "High-Res Sampler", 300)
     save_final(g, x, "LinFusion/sd15_2k")
     note(g, 12, (
         "SD1.5 with LinFusion: a 512 x 512 image, then x4 to 2048 x 2048 in two x2 stages. Each stage is "
         "upscaled and re-denoised (SDEdit strengths 0.4 and 0.3, as the LinFusion reference for SD1.5).\n\n"
-        + files_note("sd15", SD15)))
+        + files_note("sd15", SD15)), note_y)
     return g, "sd15", [(512, 512), (1024, 1024), (2048, 2048)], "x4 in two stages"
 
 
 def wf_sd15_16k(oi):
     g = G(oi)
     g.name = "16K image with SD1.5 and LinFusion"
-    model, clip, x = model_group(g, SD15)
-    y = prompts(g, clip, x, "A photo of the Milky Way galaxy", "")
-    g.node(5, "EmptyLatentImage", (x, y), (320, 110), "Base size", {"width": 1024, "height": 512, "batch_size": 1})
-    prompt_group(g, x, y + 150)
-    x = base_image(g, x + 460, model, (3, 0), (4, 0), (5, 0),
+    model, clip, note_y = head(g, SD15, "A photo of the Milky Way galaxy", "", (1024, 512))
+    x = base_image(g, BASE_X, model, (3, 0), (4, 0), (5, 0),
                    {"seed": 3, "steps": 50, "cfg": 7.5, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0},
                    "LinFusion/sd15_1k")
     x = upscale(g, x, "LinFusionHighResSamplerAdvanced",
@@ -301,25 +332,22 @@ def wf_sd15_16k(oi):
                  "upscale_method": "pixel", "cosine_scale_1": 3.0, "cosine_scale_2": 1.0, "cosine_scale_3": 1.0,
                  "gaussian_sigma": 0.8, "anchor_stats": "auto", "low_memory": True, "vae_tile_size": 2048},
                 {"model": model, "positive": (3, 0), "negative": (4, 0), "latent_image": (6, 0), "vae": (1, 2)},
-                "High-Res Sampler (x16 in four stages)", 660)
+                "High-Res Sampler (advanced)", 660)
     save_final(g, x, "LinFusion/sd15_16k", tiled=2048)
     note(g, 12, (
         "The paper's headline: a 16384 x 8192 image from SD1.5 with LinFusion. A 1024 x 512 image is doubled four "
         "times; each stage is re-denoised (strengths 0.4, 0.3, 0.2, 0.1, the reference notebook's schedule) with "
-        "low-memory mode and a tiled VAE. Expect many minutes on a large GPU; try a smaller base size first.\n\n"
-        + files_note("sd15", SD15)))
+        "low-memory mode and a tiled VAE. Expect many minutes on a large GPU; try a smaller scale_by first.\n\n"
+        + files_note("sd15", SD15)), note_y)
     return g, "sd15", [(1024, 512), (2048, 1024), (4096, 2048), (8192, 4096), (16384, 8192)], "four x2 stages"
 
 
 def wf_sdxl_4k(oi):
     g = G(oi)
     g.name = "SDXL 1024 to 4K with LinFusion"
-    model, clip, x = model_group(g, SDXL)
-    y = prompts(g, clip, x, "An astronaut floating in space. Beautiful view of the stars and the universe in the "
-                "background.", None)
-    g.node(5, "EmptyLatentImage", (x, y), (320, 110), "Base size", {"width": 1024, "height": 1024, "batch_size": 1})
-    prompt_group(g, x, y + 150)
-    x = base_image(g, x + 460, model, (3, 0), (4, 0), (5, 0),
+    model, clip, note_y = head(g, SDXL, "An astronaut floating in space. Beautiful view of the stars and the universe "
+                               "in the background.", None, (1024, 1024), final=(4096, 4096))
+    x = base_image(g, BASE_X, model, (3, 0), (4, 0), (5, 0),
                    {"seed": 42, "steps": 50, "cfg": 7.5, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0},
                    "LinFusion/sdxl_1k")
     x = upscale(g, x, "LinFusionHighResSamplerAdvanced",
@@ -328,96 +356,99 @@ def wf_sdxl_4k(oi):
                  "upscale_method": "pixel", "cosine_scale_1": 3.0, "cosine_scale_2": 1.0, "cosine_scale_3": 1.0,
                  "gaussian_sigma": 0.8, "anchor_stats": "auto", "low_memory": False, "vae_tile_size": 2048},
                 {"model": model, "positive": (3, 0), "negative": (4, 0), "latent_image": (6, 0), "vae": (1, 2)},
-                "High-Res Sampler (x4, DemoFusion-style)", 660)
+                "High-Res Sampler (DemoFusion-style)", 660)
     save_final(g, x, "LinFusion/sdxl_4k", tiled=1024)
     note(g, 12, (
         "SDXL with LinFusion: a 1024 x 1024 image, then x4 to 4096 x 4096 in two x2 stages with the reference's "
-        "DemoFusion-style refinement (strengths 0.32 and 0.16; a global branch with dilated convolutions, two UNet "
-        "passes per step). The negative is zeroed, as in the reference. Out of memory? Turn on low_memory.\n\n"
-        + files_note("sdxl", SDXL)))
+        "DemoFusion-style refinement (strengths 0.32 and 0.16, dilated global branch). As in the reference, the "
+        "prompt is conditioned on the final size (set its sizes to match scale_by) and the negative is zeroed. "
+        "Out of memory? Turn on low_memory.\n\n"
+        + files_note("sdxl", SDXL)), note_y)
     return g, "sdxl", [(1024, 1024), (2048, 2048), (4096, 4096)], "x4, DemoFusion-style"
 
 
 def wf_sdxl_sr(oi):
     g = G(oi)
     g.name = "SDXL super-resolution x2 with LinFusion"
-    model, clip, x = model_group(g, SDXL)
-    y = prompts(g, clip, x, "a detailed, sharp, high-resolution photograph", None)
-    g.node(5, "LoadImage", (x, y), (340, 420), "Image to upscale", {"image": "example.png"})
-    prompt_group(g, x, y + 460, "Prompt and image")
-    x = upscale(g, x + 460, "LinFusionSuperResolution",
+    model, clip, bottom = model_group(g, SDXL)
+    top = bottom + 20
+    # plain CLIPTextEncode: the node conditions every stage on the final size of whatever image comes
+    y = prompts(g, clip, top, "a detailed, sharp, high-resolution photograph", None)
+    g.node(5, "LoadImage", (PROMPT_X, y), (340, 420), "Image to upscale", {"image": "example.png"})
+    prompt_group(g, top, y + 420, "Prompt and image")
+    x = upscale(g, BASE_X, "LinFusionSuperResolution",
                 {"scale_by": 2.0, "width": 0, "height": 0, "stages": "single", "seed": 123, "steps": 50, "cfg": 7.5,
                  "sampler_name": "euler", "scheduler": "normal", "method": "demofusion", "upscale_strength": 0.32,
                  "strength_schedule": "auto", "upscale_method": "pixel", "cosine_scale_1": 3.0, "cosine_scale_2": 1.0,
                  "cosine_scale_3": 1.0, "gaussian_sigma": 0.8, "anchor_stats": "auto", "low_memory": False,
                  "vae_tile_size": 2048},
                 {"model": model, "positive": (3, 0), "negative": (4, 0), "image": (5, 0), "vae": (1, 2)},
-                "Super-Resolution (x2)", 700, nid=6)
+                "Super-Resolution", 700, nid=6)
     save_final(g, x, "LinFusion/sdxl_superres_x2", source=(6, 0), save_id=7)
     note(g, 8, (
-        "SDXL super-resolution of your own picture with LinFusion: load it in 'Image to upscale' and describe it "
-        "in the positive prompt. It is resized to twice its size and refined in one stage (strength 0.32, the "
-        "reference's super-resolution pipeline). For x4 and more, set stages to progressive.\n\n"
-        + files_note("sdxl", SDXL)))
+        "SDXL super-resolution of your own picture with LinFusion: pick it in 'Image to upscale' and describe it "
+        "in the prompt. It is doubled and refined in one stage (strength 0.32, the "
+        "reference's pipeline). x4 and more: stages progressive (x2 stages at 0.32, 0.24, ...).\n\n"
+        + files_note("sdxl", SDXL)
+        + "\n- input/example.png: the picture to upscale (ComfyUI's input folder; put yours there or upload it)."),
+        top + 60)
     return g, "sdxl", [(1024, 1024), (2048, 2048)], "one refined stage"
 
 
 def wf_sd21(oi):
     g = G(oi)
     g.name = "SD2.1 768 to 1536 with LinFusion"
-    model, clip, x = model_group(g, "v2-1_768-ema-pruned.safetensors")
-    y = prompts(g, clip, x, "a red fox in a snowy birch forest, morning light, highly detailed photograph", NEG)
-    g.node(5, "EmptyLatentImage", (x, y), (320, 110), "Base size", {"width": 768, "height": 768, "batch_size": 1})
-    prompt_group(g, x, y + 150)
-    x = base_image(g, x + 460, model, (3, 0), (4, 0), (5, 0),
+    model, clip, note_y = head(g, "v2-1_768-ema-pruned.safetensors", "a red fox in a snowy birch forest, morning "
+                               "light, highly detailed photograph", NEG, (768, 768))
+    x = base_image(g, BASE_X, model, (3, 0), (4, 0), (5, 0),
                    {"seed": 7, "steps": 30, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0},
                    "LinFusion/sd21_768")
     x = upscale(g, x, "LinFusionHighResSampler",
                 {"scale_by": 2.0, "seed": 7, "steps": 30, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal"},
                 {"model": model, "positive": (3, 0), "negative": (4, 0), "latent_image": (6, 0), "vae": (1, 2)},
-                "High-Res Sampler (x2)", 300)
+                "High-Res Sampler", 300)
     save_final(g, x, "LinFusion/sd21_1536")
     note(g, 12, (
         "SD2.1 (768 px, v-prediction) with LinFusion: a 768 x 768 image, then x2 to 1536 x 1536 in one re-denoised "
         "stage. A v-prediction fine-tune that ComfyUI does not recognise (grey images) needs a "
         "ModelSamplingDiscrete node (v_prediction) before Apply LinFusion.\n\n"
-        + files_note("sd21", "v2-1_768-ema-pruned.safetensors")))
+        + files_note("sd21", "v2-1_768-ema-pruned.safetensors")), note_y)
     return g, "sd21", [(768, 768), (1536, 1536)], "x2"
 
 
 def wf_lora_cn(oi):
     g = G(oi)
     g.name = "SD1.5 LoRA and ControlNet with LinFusion"
-    model, clip, x = model_group(g, SD15, lora={"lora_name": "lcm-lora-sdv1-5.safetensors", "strength_model": 1.0,
-                                               "strength_clip": 1.0})
-    y = prompts(g, clip, x, "a futuristic glass house on a lake, golden hour, architectural photograph, "
-                "highly detailed", NEG)
-    g.node(5, "EmptyLatentImage", (x, y), (320, 110), "Base size", {"width": 512, "height": 512, "batch_size": 1})
-    prompt_group(g, x, y + 150)
-    cx = x + 460  # the ControlNet column: control image, edges, ControlNet
-    g.node(14, "LoadImage", (cx, TOP + 420), (320, 380), "Control image", {"image": "example.png"})
-    g.node(15, "Canny", (cx + 360, TOP + 420), (320, 90), None, {"low_threshold": 0.4, "high_threshold": 0.8},
-           {"image": (14, 0)})
-    g.node(16, "PreviewImage", (cx + 360, TOP + 560), (320, 300), "Edges", {}, {"images": (15, 0)})
-    g.node(17, "ControlNetLoader", (cx, TOP), (380, 60), None,
-           {"control_net_name": "control_v11p_sd15_canny_fp16.safetensors"})
-    g.node(18, "ControlNetApplyAdvanced", (cx + 360, TOP + 120), (320, 190), None,
-           {"strength": 0.9, "start_percent": 0.0, "end_percent": 1.0},
-           {"positive": (3, 0), "negative": (4, 0), "control_net": (17, 0), "image": (15, 0), "vae": (1, 2)})
-    g.group("ControlNet", (cx - 20, GROUP_TOP, 760, 1000))
-    x = base_image(g, cx + 760, model, (18, 0), (18, 1), (5, 0),
+    model, clip, note_y = head(g, SD15, "a futuristic glass house on a lake, golden hour, architectural photograph, "
+                               "highly detailed", NEG, (512, 512),
+                               lora={"lora_name": "lcm-lora-sdv1-5.safetensors", "strength_model": 1.0,
+                                     "strength_clip": 1.0})
+    x = base_image(g, BASE_X, model, (3, 0), (4, 0), (5, 0),
                    {"seed": 11, "steps": 8, "cfg": 1.5, "sampler_name": "lcm", "scheduler": "sgm_uniform",
                     "denoise": 1.0}, "LinFusion/lora_cn_512")
+    # The control image is the base image's own edges: the ControlNet keeps the upscale on its outlines.
+    g.node(17, "ControlNetLoader", (x, TOP), (360, 60), None,
+           {"control_net_name": "control_v11p_sd15_canny_fp16.safetensors"})
+    g.node(15, "Canny", (x, TOP + 110), (360, 90), "Edges of the base image", {"low_threshold": 0.4,
+                                                                              "high_threshold": 0.8},
+           {"image": (7, 0)})
+    g.node(18, "ControlNetApplyAdvanced", (x, TOP + 250), (360, 190), None,
+           {"strength": 0.9, "start_percent": 0.0, "end_percent": 1.0},
+           {"positive": (3, 0), "negative": (4, 0), "control_net": (17, 0), "image": (15, 0), "vae": (1, 2)})
+    g.node(16, "PreviewImage", (x, TOP + 490), (360, 300), "Edges", {}, {"images": (15, 0)})
+    g.group("ControlNet", (x - 20, GROUP_TOP, 400, TOP + 790 + PREVIEW // 2 - GROUP_TOP))
+    x += 360 + 60
     x = upscale(g, x, "LinFusionHighResSampler",
                 {"scale_by": 2.0, "seed": 11, "steps": 8, "cfg": 1.5, "sampler_name": "lcm", "scheduler": "sgm_uniform"},
                 {"model": model, "positive": (18, 0), "negative": (18, 1), "latent_image": (6, 0), "vae": (1, 2)},
-                "High-Res Sampler (x2)", 300)
+                "High-Res Sampler", 300)
     save_final(g, x, "LinFusion/lora_cn_1024")
     note(g, 12, (
-        "LinFusion with a LoRA and a ControlNet (SD1.5): 512 px with a Canny ControlNet, then x2 to 1024 px. The "
-        "ControlNet follows each stage; the LoRA (LCM-LoRA: 8 steps, cfg 1.5) reaches LinFusion's layers too. "
-        "Other LoRAs: euler, 25 steps, cfg 7.\n\n"
-        + files_note("sd15", SD15, "lcm-lora-sdv1-5.safetensors", "control_v11p_sd15_canny_fp16.safetensors")))
+        "LinFusion with a LoRA and a ControlNet (SD1.5): a 512 px image, then x2 to 1024 px with a Canny ControlNet "
+        "on the base image's own edges (no control image to add), so each stage keeps its outlines. The LoRA "
+        "(LCM-LoRA: 8 steps, cfg 1.5) reaches LinFusion's layers too. Other LoRAs: euler, 25 steps, cfg 7.\n\n"
+        + files_note("sd15", SD15, "lcm-lora-sdv1-5.safetensors", "control_v11p_sd15_canny_fp16.safetensors")),
+        note_y)
     return g, "sd15", [(512, 512), (1024, 1024)], "LoRA + ControlNet, x2"
 
 

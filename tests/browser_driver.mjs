@@ -3,14 +3,19 @@
 //   node tests/browser_driver.mjs < job.json > result.json
 //
 // job: {url, chromium, playwright (path of the playwright-core package), out (folder for
-//       screenshots), templates: {pack, names: [...]}, queue: {name, widgets: {nodeId: {widget: value}}}}
-// For every template: fetch it the way the UI's template browser does, app.loadGraphData it,
-// and report the nodes the UI knows (type, has_errors, registered), the ones inside the
-// visible canvas after fitting the view, any dialog shown, the graph as the UI serializes it
-// and the API prompt the UI would queue (app.graphToPrompt). Then load `queue.name`, set the
-// given widget values, queue it from the page with app.queuePrompt and wait for the
-// `executed` event; the reported image is loaded in the page (<img>) to get its real size.
-// Everything goes to stdout as one JSON object; progress lines go to stderr.
+//       screenshots), viewport: {width, height}, search: [queries], templates: {pack, names: [...]},
+//       runs: [{name, widgets: {nodeId: {widget: value}}}], timeout_ms}
+// First the node search as a user opens it (double-click on an empty canvas, type): the first
+// results' names per query. For every template: fetch it the way the UI's template browser
+// does, app.loadGraphData it, and report the view the UI restored (scale, offset, the zoom below
+// which it stops drawing text), the groups, combo values missing from their lists, the nodes
+// the UI knows (type, has_errors, registered), the ones inside the visible canvas after fitting
+// the view, any dialog shown, the graph as the UI serializes it and the API prompt the UI would
+// queue (app.graphToPrompt). Then each of `runs`: load it, set the given widget values, queue it
+// from the page with app.queuePrompt and wait for the outcome; the output images are loaded in
+// the page (<img>) to get their real sizes, and every node's box and group are taken again once
+// the UI has laid out the previews it received (screenshot "<name> after a run.png", at the
+// workflow's saved view). Everything goes to stdout as one JSON object; progress lines go to stderr.
 import { createRequire } from 'node:module';
 import fs from 'node:fs';
 import path from 'node:path';
@@ -20,7 +25,7 @@ const require = createRequire(import.meta.url);
 const { chromium } = require(job.playwright);
 const log = (...a) => console.error('[browser]', ...a);
 const t0 = Date.now();
-const result = { templates: {}, console_errors: [], not_found: [], timings: {} };
+const result = { templates: {}, runs: {}, search: {}, console_errors: [], not_found: [], timings: {} };
 
 const browser = await chromium.launch({
   executablePath: job.chromium,
@@ -30,7 +35,7 @@ const browser = await chromium.launch({
 });
 result.timings.launch_s = (Date.now() - t0) / 1000;
 try {
-  const context = await browser.newContext({ viewport: { width: 1600, height: 1000 } });
+  const context = await browser.newContext({ viewport: job.viewport || { width: 1600, height: 1000 } });
   await context.addInitScript(() => { localStorage.setItem('vueNodesBannerDismissed', 'true'); });
   const page = await context.newPage();
   page.on('console', (m) => { if (m.type() === 'error') result.console_errors.push(m.text()); });
@@ -46,6 +51,36 @@ try {
 
   result.template_index = await page.evaluate(async () => (await fetch('/api/workflow_templates')).json());
 
+  // Node search: on an empty graph, double-click the canvas (the search box opens), type.
+  if (job.search?.length) {
+    await page.keyboard.press('Escape');  // any dialog the first page load opened
+    await page.evaluate(() => { window.app.graph.clear(); window.app.canvas.setDirty(true, true); });
+    await page.waitForTimeout(500);
+    const input = page.locator('.comfy-vue-node-search-container input').first();
+    for (const q of job.search) {
+      for (let attempt = 0; ; attempt++) {
+        await page.mouse.dblclick(job.viewport ? job.viewport.width / 2 : 800, job.viewport ? job.viewport.height / 2 : 500);
+        try {
+          await input.waitFor({ timeout: 5000 });
+          break;
+        } catch (e) {
+          if (attempt >= 2) {
+            await page.screenshot({ path: path.join(job.out, 'search box did not open.png') });
+            throw e;
+          }
+          await page.keyboard.press('Escape');
+        }
+      }
+      await input.fill(q);
+      await page.waitForTimeout(600);
+      result.search[q] = await page.evaluate(() => [...document.querySelectorAll('li.p-autocomplete-option')]
+        .slice(0, 10).map((e) => e.getAttribute('aria-label')));
+      await page.keyboard.press('Escape');
+      await page.waitForTimeout(150);
+    }
+    log(`search: ${job.search.length} queries`);
+  }
+
   for (const name of job.templates.names) {
     const t1 = Date.now();
     const r = await page.evaluate(async ({ pack, name }) => {
@@ -59,6 +94,23 @@ try {
       await app.loadGraphData(json, true, true, name);
       await new Promise((ok) => setTimeout(ok, 300));
       const canvas = app.canvas;
+      // The view the UI restored from the file (extra.ds), as the user first sees it.
+      const view = { scale: canvas.ds.scale, offset: Array.from(canvas.ds.offset), low_quality: !!canvas.low_quality,
+                     lod_scale: canvas._lowQualityZoomThreshold ?? null,
+                     canvas: [canvas.canvas.width / (window.devicePixelRatio || 1),
+                              canvas.canvas.height / (window.devicePixelRatio || 1)] };
+      const groups = (app.graph.groups || app.graph._groups || []).map((g) => ({ title: g.title,
+        bounding: Array.from(g._bounding || g.bounding) }));
+      // combo values (files) the UI does not find in the server's lists
+      const missing_values = [];
+      for (const n of app.graph.nodes) {
+        for (const w of n.widgets || []) {
+          const values = w.options?.values;
+          if (w.type === 'combo' && Array.isArray(values) && !values.includes(w.value)) {
+            missing_values.push({ id: n.id, type: n.type, widget: w.name, value: w.value });
+          }
+        }
+      }
       // Fit everything into view, then check each node's box against the visible area.
       const nodes = app.graph.nodes;
       let x0 = Infinity, y0 = Infinity, x1 = -Infinity, y1 = -Infinity;
@@ -82,6 +134,7 @@ try {
         label: d.getAttribute('aria-labelledby'), text: d.innerText.slice(0, 300) }));
       const prompt = await app.graphToPrompt();
       return {
+        view, groups, missing_values,
         boxes: nodes.map((n) => ({ id: n.id, type: n.type, x: n.pos[0], y: n.pos[1] - LG.NODE_TITLE_HEIGHT,
                                    w: n.size[0], h: n.size[1] + LG.NODE_TITLE_HEIGHT })),
         thumb_status: thumb.status, thumb_type,
@@ -104,7 +157,7 @@ try {
     log(`${name}: ${r.nodes ? r.nodes.length : 0} nodes, ${r.dialogs ? r.dialogs.length : 0} dialogs, ${r.seconds} s`);
   }
 
-  if (job.queue) {
+  for (const run of job.runs || []) {
     const t2 = Date.now();
     const q = await page.evaluate(async ({ pack, name, widgets, timeout }) => {
       const app = window.app, api = app.api;
@@ -121,17 +174,37 @@ try {
           changed.push(`${id}.${wname}=${value}`);
         }
       }
+      // Start from an idle server (a run that timed out before is let finish), then take only
+      // the events of this prompt: the first one started after queueing.
+      const t0 = Date.now();
+      for (;;) {
+        const queue = await (await fetch('/api/queue')).json();
+        if (!queue.queue_running.length && !queue.queue_pending.length) break;
+        if (Date.now() - t0 > timeout) return { outcome: 'server busy', changed, images: [], boxes: [], groups: [] };
+        await new Promise((ok) => setTimeout(ok, 500));
+      }
       const events = [];
+      const handlers = [];
+      let ours = null;
       const done = new Promise((resolve) => {
         const timer = setTimeout(() => resolve('timeout'), timeout);
-        const on = (type) => api.addEventListener(type, (e) => {
-          events.push({ type, detail: e.detail });
-          if (type !== 'executed') { clearTimeout(timer); resolve(type); }
-        });
-        on('executed'); on('execution_success'); on('execution_error'); on('execution_interrupted');
+        const on = (type) => {
+          const h = (e) => {
+            const id = e.detail?.prompt_id;
+            if (type === 'execution_start' && ours === null) ours = id;
+            if (id !== undefined && id !== ours) return;
+            events.push({ type, detail: e.detail });
+            if (!['executed', 'execution_start'].includes(type)) { clearTimeout(timer); resolve(type); }
+          };
+          api.addEventListener(type, h);
+          handlers.push([type, h]);
+        };
+        on('execution_start'); on('executed'); on('execution_success'); on('execution_error');
+        on('execution_interrupted');
       });
       await app.queuePrompt(0, 1);
       const outcome = await done;
+      for (const [type, h] of handlers) api.removeEventListener(type, h);
       const images = events.filter((e) => e.type === 'executed')
         .flatMap((e) => (e.detail.output?.images || []).map((im) => ({ node: e.detail.node, ...im })));
       // Show each image as the UI serves it and measure it.
@@ -139,30 +212,36 @@ try {
       for (const im of images) {
         const url = `/api/view?filename=${encodeURIComponent(im.filename)}&subfolder=${encodeURIComponent(im.subfolder || '')}&type=${im.type}`;
         const img = document.createElement('img');
-        img.id = `linfusion-test-output-${shown.length}`;
-        img.style = 'position:fixed;right:8px;bottom:8px;z-index:99999;max-width:300px;border:3px solid lime';
+        img.className = 'linfusion-test-output';
+        img.style = `position:fixed;right:${8 + 130 * shown.length}px;bottom:8px;z-index:99999;max-width:120px;border:3px solid lime`;
         await new Promise((ok, bad) => { img.onload = ok; img.onerror = () => bad(new Error(`cannot load ${url}`)); img.src = url; document.body.appendChild(img); });
         shown.push({ ...im, natural: [img.naturalWidth, img.naturalHeight] });
       }
       const prompt_id = events.find((e) => e.detail?.prompt_id)?.detail.prompt_id;
-      // Let the UI lay out the previews it received, then take every node's box.
+      // Let the UI lay out the previews it received, then take every node's box and group, at
+      // the workflow's saved view (what the user sees after the run).
       await new Promise((ok) => setTimeout(ok, 500));
+      const ds = json.extra?.ds;
+      if (ds) { app.canvas.ds.scale = ds.scale; app.canvas.ds.offset = [...ds.offset]; }
       app.canvas.setDirty(true, true);
       app.canvas.draw(true, true);
       const LG = window.LiteGraph;
       const boxes = app.graph.nodes.map((n) => ({ id: n.id, type: n.type, x: n.pos[0], y: n.pos[1] - LG.NODE_TITLE_HEIGHT,
                                                  w: n.size[0], h: n.size[1] + LG.NODE_TITLE_HEIGHT }));
-      return { outcome, changed, images: shown, prompt_id, boxes,
+      const groups = (app.graph.groups || app.graph._groups || []).map((g) => ({ title: g.title,
+        bounding: Array.from(g._bounding || g.bounding) }));
+      return { outcome, changed, images: shown, prompt_id, boxes, groups,
                error: events.find((e) => e.type === 'execution_error')?.detail };
-    }, { pack: job.templates.pack, name: job.queue.name, widgets: job.queue.widgets, timeout: job.queue.timeout_ms });
+    }, { pack: job.templates.pack, name: run.name, widgets: run.widgets, timeout: job.timeout_ms || 480000 });
     q.seconds = (Date.now() - t2) / 1000;
     if (q.images.length) {
-      await page.locator('#linfusion-test-output-0').waitFor({ state: 'visible', timeout: 10000 });
+      await page.locator('.linfusion-test-output').first().waitFor({ state: 'visible', timeout: 10000 });
     }
-    await page.waitForTimeout(500);
-    await page.screenshot({ path: path.join(job.out, 'queued_run.png') });
-    result.queue = q;
-    log(`queued run: ${q.outcome}, ${q.images.length} image(s), ${q.seconds} s`);
+    await page.waitForTimeout(300);
+    await page.screenshot({ path: path.join(job.out, `${run.name} after a run.png`) });
+    await page.evaluate(() => document.querySelectorAll('.linfusion-test-output').forEach((e) => e.remove()));
+    result.runs[run.name] = q;
+    log(`${run.name}: ${q.outcome}, ${q.images.length} image(s), ${q.seconds} s`);
   }
 } finally {
   await browser.close();

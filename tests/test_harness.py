@@ -48,7 +48,7 @@ def test_apply_linfusion_in_object_info(comfy_server):
     assert "ApplyLinFusion" in info
     node = info["ApplyLinFusion"]
     assert node["python_module"] == f"custom_nodes.{PACK_NAME}"
-    assert node["display_name"] == "Apply LinFusion"
+    assert node["display_name"] == "LinFusion Apply"  # nodes/schema.py DISPLAY_NAMES: first in a "linfusion" search
     assert node["category"] == "LinFusion"
     assert node["input_order"]["required"] == ["model", "weights", "softmax_max_tokens"]
     req = node["input"]["required"]

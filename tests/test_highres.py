@@ -614,18 +614,76 @@ def test_edm_model_refines_by_noise_level(H, hrm):
     ms = edm.get_model_object("model_sampling")
     assert abs(float(ms.timestep(torch.tensor([0.5])))) < 1  # what the old code took for t
     axis = H.NoiseAxis(edm)
-    assert axis.sigma(301) == pytest.approx(hrm.reference_sigma(301)) and not axis.discrete
-    assert axis.timestep(torch.tensor([hrm.reference_sigma(141)])) == pytest.approx(141, abs=1e-4)
+    assert axis.sigma(301) == pytest.approx(0.5 * hrm.reference_sigma(301)) and not axis.discrete
+    assert axis.timestep(torch.tensor([0.5 * hrm.reference_sigma(141)])) == pytest.approx(141, abs=1e-4)
     calls = UnetCalls(edm)
     try:
         out, rep = run(H, edm, (64, 64), base_latent(hw=(4, 4)), kind="sdxl", method="demofusion", steps=10)
     finally:
         calls.close()
-    assert rep.start_sigmas[0] == pytest.approx(hrm.reference_sigma(301), rel=1e-5) and torch.isfinite(out).all()
+    assert rep.start_sigmas[0] == pytest.approx(0.5 * hrm.reference_sigma(301), rel=1e-5) and torch.isfinite(out).all()
     sg = H.stage_sigmas(edm, rep.stages[0], "euler", "normal", axis)
     with_dilated = [s for s in sg[:-1] if hrm.cosine_weights(axis.timestep(s))[1] > 0]
     assert len(with_dilated) >= 2
     assert len([c for c in calls.calls if c[1] == (2, 2)]) == len(with_dilated)
+
+
+def test_edm_stage_starts_at_the_reference_snr(H, hrm):
+    """Issue 23: an EDM model's latents have std sigma_data (Playground v2.5: 0.5; ComfyUI's
+    comfy/model_sampling.py ModelSamplingContinuousEDM.set_parameters and
+    comfy_extras/nodes_model_advanced.py ModelSamplingContinuousEDM 'edm_playground_v2.5'),
+    so its signal-to-noise ratio at sigma is (sigma_data / sigma)^2, where SDXL's discrete
+    schedule has alpha_bar / (1 - alpha_bar) = 1 / sigma^2. Stage 1 (strength 0.32 at 50
+    steps: t = 301) must start at SDXL's SNR at t = 301, not at SDXL's bare sigma (4x lower SNR,
+    like SD's t ~ 510)."""
+    import comfy_extras.nodes_model_advanced as nma
+
+    sdxl = helpers.small_model("sdxl")
+    edm = nma.ModelSamplingContinuousEDM().patch(sdxl, "edm_playground_v2.5", 80.0, 0.002)[0]
+    ms = edm.get_model_object("model_sampling")
+    assert float(ms.sigma_data) == 0.5
+    snr_sdxl = 1.0 / float(sdxl.get_model_object("model_sampling").sigmas[301]) ** 2  # abar / (1 - abar)
+    out, rep = run(H, edm, (64, 64), base_latent(hw=(4, 4)), kind="sdxl", method="demofusion", steps=50)
+    assert rep.stages[0].start_timestep == 301 and torch.isfinite(out).all()
+    snr_edm = (float(ms.sigma_data) / rep.start_sigmas[0]) ** 2
+    assert snr_edm == pytest.approx(snr_sdxl, rel=0.01), (snr_edm, snr_sdxl)
+    # and back: the sampler's sigmas map to the reference timesteps DemoFusion's factors use
+    assert H.NoiseAxis(edm).timestep(rep.start_sigmas[0]) == pytest.approx(301, abs=0.05)
+
+
+def test_every_stage_scales_its_first_unet_input(H, hrm):
+    """Issue 23, item 10: the reference scales the UNet input (scheduler.scale_model_input)
+    BEFORE it resets its scheduler's step index for a new stage, so the first local call of each
+    stage gets the unscaled latent: 1/c_in = sqrt(sigma^2 + 1) = 1.30x too large at strength 0.32
+    (t = 301 on SDXL), 1.18x, 1.09x, 1.03x at 0.24, 0.16, 0.08; its dilated calls are off by 1-3%
+    (../shared/docs/linfusion-reference.md). The pack deliberately does NOT copy this quirk: every
+    model call goes through ComfyUI (comfy/model_base.py BaseModel._apply_model:
+    model_sampling.calculate_input), so every call, the first of each stage included, sees
+    x / sqrt(sigma^2 + 1). Do not "fix" this to match the reference."""
+    sdxl = helpers.small_model("sdxl")
+    seen, unet_in = [], []
+    orig = sdxl.model.apply_model
+
+    def spy(x, t, *args, **kw):
+        seen.append((x.detach().clone(), float(t.flatten()[0])))
+        return orig(x, t, *args, **kw)
+
+    sdxl.model.apply_model = spy
+    unet = sdxl.model.diffusion_model
+    hook = unet.register_forward_pre_hook(lambda _m, args: unet_in.append(args[0].detach().clone()))
+    try:
+        _, rep = run(H, sdxl, (128, 128), base_latent(hw=(4, 4)), kind="sdxl", method="demofusion", steps=50)
+    finally:
+        hook.remove()
+        del sdxl.model.apply_model
+    assert len(seen) == len(unet_in) and len(rep.stages) == 2
+    firsts = [next(i for i, (_, sg) in enumerate(seen) if sg == pytest.approx(s0, rel=1e-6)) for s0 in rep.start_sigmas]
+    assert firsts[0] == 0 and firsts[1] > 0
+    for i in firsts:
+        x, sigma = seen[i]
+        torch.testing.assert_close(unet_in[i], x / (sigma**2 + 1) ** 0.5, rtol=1e-5, atol=1e-6)
+    # what copying the quirk would change at stage 1 (strength 0.32: t = 301)
+    assert (rep.start_sigmas[0] ** 2 + 1) ** 0.5 == pytest.approx(1.30, abs=0.01)
 
 
 def test_flow_model_refused(H):

@@ -62,3 +62,23 @@ def test_search_aliases_reach_a_schema_that_has_them(pack, node_classes, monkeyp
     monkeypatch.undo()
     if "search_aliases" not in mod.SCHEMA_FIELDS:
         assert mod.schema(node_id="X", search_aliases=["a"]).node_id == "X"
+
+
+def test_display_names_carry_the_search_words_early_and_multi_gpu_is_experimental(pack, node_classes):
+    """The frontends of 0.3.52 and 0.3.75 search class and display names only, a word counting
+    within about 30 characters (nodes/schema.py DISPLAY_NAMES; tests/test_browser.py asserts the
+    ranks in the real UI). The Multi-GPU node carries the UI's BETA badge (Schema
+    is_experimental, object_info 'experimental')."""
+    names = {n: _schema(node_classes, n).display_name for n in PACK_NODES}
+    assert names == pack.nodes.schema.DISPLAY_NAMES
+    def early(node, *words):  # each word starts within the first 30 characters
+        return all(0 <= names[node].lower().find(w) <= 30 for w in words)
+
+    assert early("LinFusionHighResSampler", "hires fix", "high-res")
+    assert early("LinFusionHighResSamplerAdvanced", "hires fix", "16k")
+    assert early("LinFusionSuperResolution", "upscale", "super", "resolution")
+    # Apply first for "linfusion": a prefix match shorter than every other pack name and class name
+    apply = names["ApplyLinFusion"]
+    assert apply.lower().startswith("linfusion")
+    assert len(apply) < min(len(s) for n in PACK_NODES if n != "ApplyLinFusion" for s in (n, names[n]))
+    assert [n for n in PACK_NODES if _schema(node_classes, n).is_experimental] == ["LinFusionMultiGPU"]

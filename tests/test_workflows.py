@@ -193,6 +193,37 @@ def test_note_says_what_and_which_files(name):
     for n in real_nodes(g):  # LinFusion in 'auto', as the issue asks
         if n["type"] == "ApplyLinFusion":
             assert n["widgets_values"][0] == "auto"
+    # every file it loads from ComfyUI's input folder is named there too (issue 23: a fresh install
+    # met "Invalid image file: example.png"); only the super-resolution workflow loads one
+    inputs = [n["widgets_values"][0] for n in real_nodes(g) if n["type"] == "LoadImage"]
+    assert all(f"input/{f}" in text for f in inputs), inputs
+    assert bool(inputs) == (name == "SDXL super-resolution x2 with LinFusion")
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if RUNS[n].family == "sdxl"])
+def test_sdxl_base_image_conditioned_on_the_final_size(name, object_info):
+    """The reference conditions its SDXL base generation on the final size too
+    (pipeline_highres_sdxl.py: the added time ids come from the target size; issue 23): the base
+    KSampler's positive is CLIPTextEncodeSDXL with original and target size = the high-res
+    node's final size, and the same conditioning (its zeroed copy as the negative) feeds the
+    upscale. The super-resolution workflow has no base generation: its node conditions every
+    stage on the final size of whatever image arrives (size_conditioning 'final')."""
+    p = rw.ui_to_api(load(name), object_info)
+    by_type = {v["class_type"]: k for k, v in p.items()}
+    if "KSampler" not in by_type:
+        assert p[by_type["LinFusionSuperResolution"]]["inputs"]["size_conditioning"] == "final"
+        return
+    ks, up = p[by_type["KSampler"]]["inputs"], p[by_type["LinFusionHighResSamplerAdvanced"]]["inputs"]
+    base = p[ks["latent_image"][0]]["inputs"]
+    final = (base["width"] * up["scale_by"], base["height"] * up["scale_by"])
+    pos = p[ks["positive"][0]]
+    assert pos["class_type"] == "CLIPTextEncodeSDXL"
+    c = pos["inputs"]
+    assert (c["width"], c["height"]) == (c["target_width"], c["target_height"]) == final == (4096, 4096)
+    assert (c["crop_w"], c["crop_h"]) == (0, 0) and c["text_g"] == c["text_l"]
+    assert p[ks["negative"][0]]["class_type"] == "ConditioningZeroOut"
+    assert p[ks["negative"][0]]["inputs"]["conditioning"] == ks["positive"]
+    assert (up["positive"], up["negative"]) == (ks["positive"], ks["negative"])
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -362,8 +393,10 @@ def test_runner_names_a_missing_model_and_its_folder(object_info, wf, tmp_path):
                                           "directory": "controlnet"}]
         if n["type"] == "CheckpointLoaderSimple":
             n["widgets_values"] = ["my-finetune.safetensors"]
-        if n["type"] == "LoadImage":
-            n["widgets_values"] = ["photo.png", "image"]
+    sr = load("SDXL super-resolution x2 with LinFusion")  # the one workflow that loads an input image
+    image = next(n for n in sr["nodes"] if n["type"] == "LoadImage")
+    image["widgets_values"] = ["photo.png", "image"]
+    g["nodes"].append({**image, "id": 99})  # unlinked: the runner checks it all the same
     with pytest.raises(rw.MissingModelError) as e:
         rw.prepare(g, object_info, log=lambda _: None)
     text = str(e.value)
@@ -403,10 +436,22 @@ def saved_by_node(history: dict, folder: Path) -> dict[str, tuple[int, int]]:
     return sizes
 
 
+def sd15_text_encoders(prompt: dict) -> None:
+    """The reduced SDXL runs (module docstring) load the SD1.5 stand-in, whose CLIP has no 'g'
+    encoder for CLIPTextEncodeSDXL: its prompts become plain CLIPTextEncode (text_g). The
+    final-size conditioning is checked statically (test_sdxl_base_image_conditioned_on_the_final_size)."""
+    for node in prompt.values():
+        if node["class_type"] == "CLIPTextEncodeSDXL":
+            node["class_type"] = "CLIPTextEncode"
+            node["inputs"] = {"text": node["inputs"]["text_g"], "clip": node["inputs"]["clip"]}
+
+
 def run_once(wf, name: str, object_info: dict) -> tuple[rw.RunResult, dict, str]:
     run = RUNS[name]
     lines: list[str] = []
     prompt = rw.prepare(load(name), object_info, run.scale, run.sets, log=lines.append)
+    if run.reduced and wf.sdxl != "full":
+        sd15_text_encoders(prompt)
     shutil.rmtree(OUTPUT / name, ignore_errors=True)
     since = len(wf.log_text())
     result = rw.run_prompt(wf.client, prompt, load(name), timeout=600, quiet=True)
