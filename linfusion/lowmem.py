@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import LinFusionAttention, kv_summary
 from .highres import forwards_replaced
 
 # Rows per band: about this many bytes of the band's input. Large enough that each band's
@@ -482,8 +483,6 @@ def token_chunked_linfusion_forward(layer: nn.Module, chunk_tokens: int | None =
     x, q, k, v, the core's output and two full-size temporaries of the to_q_/to_k_ branches.
     Other cases (context/value tokens, hybrid softmax, masks, autograd, small inputs) take
     the layer's own forward."""
-    from .attention import apply_summary, kv_summary
-
     own = layer.forward
 
     def forward(x: torch.Tensor, context=None, value=None, mask=None, transformer_options=None, **kw):
@@ -495,19 +494,14 @@ def token_chunked_linfusion_forward(layer: nn.Module, chunk_tokens: int | None =
         k, v = (torch.empty(b, n, d, dtype=x.dtype, device=x.device) for _ in range(2))
         for s in range(0, n, step):
             xc = x[:, s:s + step]
-            k[:, s:s + step] = layer.to_k(xc + layer.to_k_(xc))
-            v[:, s:s + step] = layer.to_v(xc)
-        h = layer.heads
-        summary = kv_summary(*(t.view(b, n, h, -1).transpose(1, 2) for t in (k, v)))
+            k[:, s:s + step] = layer.project_k(xc)
+            v[:, s:s + step] = layer.project_v(xc)
+        summary = kv_summary(layer.split_heads(k), layer.split_heads(v))
         del v
         out = k  # the result goes where the keys were
-        o = torch.empty(b, min(step, n), h, d // h, dtype=x.dtype, device=x.device)
+        o = torch.empty(b, min(step, n), layer.heads, d // layer.heads, dtype=x.dtype, device=x.device)
         for s in range(0, n, step):
-            xc = x[:, s:s + step]
-            m = xc.shape[1]
-            q = layer.to_q(xc + layer.to_q_(xc)).view(b, m, h, -1)
-            apply_summary(q.transpose(1, 2), summary, out=o[:, :m].transpose(1, 2))
-            out[:, s:s + step] = layer.to_out(o[:, :m].reshape(b, m, d))
+            out[:, s:s + step] = layer.attend(x[:, s:s + step], summary, scratch=o)
         return out
 
     return forward
@@ -531,8 +525,6 @@ def cross_attention_layers(unet: nn.Module) -> list[nn.Module]:
 def token_chunked_linfusion(unet: nn.Module, chunk_tokens: int | None = None) -> Iterator[int]:
     """Every LinFusionAttention under `unet` runs token_chunked_linfusion_forward for the duration
     of the block (yields how many); removed on exit whatever happens."""
-    from .attention import LinFusionAttention
-
     with forwards_replaced([m for m in unet.modules() if isinstance(m, LinFusionAttention)],
                            lambda m: token_chunked_linfusion_forward(m, chunk_tokens)) as n:
         yield n

@@ -52,7 +52,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .attention import LinFusionAttention, apply_summary, kv_summary
+from .attention import LinFusionAttention
 
 log = logging.getLogger(__name__)
 
@@ -560,20 +560,12 @@ class BandParallel:
             if m.uses_softmax(int(total)):
                 kwargs = {} if transformer_options is None else {"transformer_options": transformer_options}
                 return self.gathered(m, lambda full: m.softmax_attn(full, **kwargs), x)
-        q = m.to_q(x + m.to_q_(x))
-        k = m.to_k(x + m.to_k_(x))
-        v = m.to_v(x)
-        b, n, _ = q.shape
-        h = m.heads
-        q, k, v = (t.view(b, n, h, -1).transpose(1, 2) for t in (q, k, v))
-        summary = kv_summary(k, v)
+        n = x.shape[1]
+        summary = m.summary(x, x)
         # Sums and the token count in one all-reduce; the mean over all bands is then exact.
         packed = torch.cat([summary.flatten() * n, torch.tensor([float(n)], device=x.device)])
         self.all_reduce(packed, "summary", m)
-        summary = (packed[:-1] / packed[-1]).view(summary.shape)
-        out = torch.empty(b, n, h, v.shape[-1], dtype=q.dtype, device=q.device)
-        apply_summary(q, summary, out=out.transpose(1, 2))
-        return m.to_out(out.view(b, n, -1))
+        return m.attend(x, (packed[:-1] / packed[-1]).view(summary.shape))
 
     def gathered(self, m: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """fn on the tokens of all bands (B, N, C) concatenated in row order; returns this band's rows."""
