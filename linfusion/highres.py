@@ -40,13 +40,15 @@ Nothing here imports ComfyUI; the glue lives in the pack's nodes/highres.py.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .forwards import forwards_replaced
 
 NUM_TRAIN_TIMESTEPS = 1000
 LATENT_GRID = 8  # pixels per latent cell of the SD / SDXL VAE
@@ -338,22 +340,3 @@ def chunked_token_forward(modules: Iterable[nn.Module], chunks: int, min_tokens:
     with forwards_replaced(list(modules) if chunks > 1 else [],
                            lambda m: _chunked(m.forward, chunks, min_tokens, max_tokens)):
         yield
-
-
-@contextmanager
-def forwards_replaced(modules: Iterable[nn.Module], make: Callable[[nn.Module], Callable]) -> Iterator[int]:
-    """Give each module the instance-level forward `make(module)` for the duration of the block
-    (yields how many), then restore exactly what was there (an instance forward or none), also
-    when the block raises. The modules stay in place: names, parameters and weight patches keep."""
-    saved = []
-    try:
-        for m in modules:
-            saved.append((m, m.__dict__.get("forward")))
-            m.forward = make(m)
-        yield len(saved)
-    finally:
-        for m, own in reversed(saved):
-            if own is None:
-                m.__dict__.pop("forward", None)
-            else:
-                m.forward = own

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import LinFusionAttention, kv_summary
-from .highres import forwards_replaced
+from .forwards import forwards_replaced
 
 # Rows per band: about this many bytes of the band's input. Large enough that each band's
 # convolution is a big kernel launch, small next to a 16K level-0 tensor (1.3 GB in fp16).

@@ -53,6 +53,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .attention import LinFusionAttention
+from .forwards import calling, forwards_replaced, has_own_forward
 
 log = logging.getLogger(__name__)
 
@@ -277,7 +278,7 @@ def replaced_forwards(model: nn.Module) -> list[str]:
     LinFusion layers (band_parallel replaces their forward whole) are not listed."""
     out = []
     for name, m in model.named_modules():
-        if "forward" not in m.__dict__ or isinstance(m, LinFusionAttention):
+        if not has_own_forward(m) or isinstance(m, LinFusionAttention):
             continue
         if any(isinstance(c, (nn.Conv2d, nn.GroupNorm)) for c in m.modules()):
             out.append(name or type(m).__name__)
@@ -586,25 +587,6 @@ class BandParallel:
         return self.gathered(m, lambda full: orig(full, *args, **kwargs), x)
 
 
-def _patch(module: nn.Module, wrapper: Callable) -> Callable[[], None]:
-    """Set an instance-level forward calling wrapper(module, previous forward, ...); returns its undo."""
-    had = "forward" in module.__dict__
-    previous = module.__dict__.get("forward")
-    orig = module.forward
-
-    def forward(*args: Any, **kwargs: Any):
-        return wrapper(module, orig, *args, **kwargs)
-
-    module.forward = forward
-
-    def undo() -> None:
-        if had:
-            module.forward = previous
-        else:
-            del module.forward
-    return undo
-
-
 @contextlib.contextmanager
 def band_parallel(model: nn.Module, group: Any = None, **options: Any) -> Iterator[BandParallel]:
     """Patch `model` for band-parallel forwards in `group`; every patch is undone on exit, also on error.
@@ -614,23 +596,20 @@ def band_parallel(model: nn.Module, group: Any = None, **options: Any) -> Iterat
     """
     bp = BandParallel(group, **options)
     skip = {id(m.softmax_attn) for m in model.modules() if isinstance(m, LinFusionAttention) and m.softmax_attn}
-    undos = []
-    try:
-        for name, m in model.named_modules():
-            bp.names[id(m)] = name
-            if isinstance(m, LinFusionAttention):
-                undos.append(_patch(m, bp.linfusion))
-            elif isinstance(m, nn.Conv2d):
-                conv_geometry(m)  # refuse unsupported padding before any forward
-                undos.append(_patch(m, bp.conv))
-            elif isinstance(m, nn.GroupNorm):
-                undos.append(_patch(m, bp.group_norm))
-            elif _is_self_attention_like(m) and id(m) not in skip:
-                undos.append(_patch(m, bp.other_attention_forward))
+    wrappers = {}
+    for name, m in model.named_modules():
+        bp.names[id(m)] = name
+        if isinstance(m, LinFusionAttention):
+            wrappers[m] = bp.linfusion
+        elif isinstance(m, nn.Conv2d):
+            conv_geometry(m)  # refuse unsupported padding before any forward
+            wrappers[m] = bp.conv
+        elif isinstance(m, nn.GroupNorm):
+            wrappers[m] = bp.group_norm
+        elif _is_self_attention_like(m) and id(m) not in skip:
+            wrappers[m] = bp.other_attention_forward
+    with forwards_replaced(wrappers, lambda m: calling(wrappers[m], m)):
         yield bp
-    finally:
-        for undo in reversed(undos):
-            undo()
 
 
 # --------------------------------------------------------------------------------------------
