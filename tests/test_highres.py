@@ -262,7 +262,7 @@ def test_cosine_blur_dilation_pieces(hrm):
     assert hrm.dilation_ratio(1024, 1024) == 1 and hrm.dilation_ratio(512, 1024) == 1
 
 
-def test_dilation_and_chunking_always_restore(hrm):
+def test_dilation_and_chunking_always_restore(hrm, lf):
     convs = [torch.nn.Conv2d(2, 2, 3, padding=1), torch.nn.Conv2d(2, 2, 3, stride=2, padding=1),
              torch.nn.Conv2d(2, 2, 1)]
     x = torch.randn(1, 2, 16, 16)
@@ -280,17 +280,17 @@ def test_dilation_and_chunking_always_restore(hrm):
     h = ff[0].register_forward_hook(lambda _m, i, _o: seen.append(i[0].shape[1]))
     want = ff(tokens)
     seen.clear()
-    with hrm.chunked_token_forward([ff], 16, min_tokens=1):
+    with lf.lowmem.chunked_token_forward([ff], 16, min_tokens=1):
         got = ff(tokens)
     assert (got - want).abs().max() < 1e-6 and max(seen) == 4 and len(seen) == 13  # ceil(50/16)=4 per chunk
     seen.clear()
-    with hrm.chunked_token_forward([ff], 16, min_tokens=20):  # 50 tokens: 2 chunks of at least 20
+    with lf.lowmem.chunked_token_forward([ff], 16, min_tokens=20):  # 50 tokens: 2 chunks of at least 20
         got = ff(tokens)
     h.remove()
     assert (got - want).abs().max() < 1e-6 and seen == [25, 25]
     seen.clear()
     h = ff[0].register_forward_hook(lambda _m, i, _o: seen.append(i[0].shape[1]))
-    with hrm.chunked_token_forward([ff], 2, min_tokens=20, max_tokens=12):  # the cap wins: ceil(50/12) = 5
+    with lf.lowmem.chunked_token_forward([ff], 2, min_tokens=20, max_tokens=12):  # the cap wins: ceil(50/12) = 5
         got = ff(tokens)
     h.remove()
     assert (got - want).abs().max() < 1e-6 and seen == [10] * 5
@@ -307,13 +307,13 @@ def test_dilation_and_chunking_always_restore(hrm):
     with torch.no_grad():
         ref = attn(tokens, context=ctx)
         calls.clear()
-        with hrm.chunked_token_forward([attn], 16, min_tokens=1, max_tokens=8):
+        with lf.lowmem.chunked_token_forward([attn], 16, min_tokens=1, max_tokens=8):
             out = attn(tokens, context=ctx)
             assert calls == [4] * 12 + [2] and (out - ref).abs().max() < 1e-6
             calls.clear()
             attn(tokens, context=ctx, mask=torch.ones(1))  # a mask has a query axis: one whole call
             assert calls == [50]
-    with pytest.raises(RuntimeError), hrm.chunked_token_forward([ff], 4):
+    with pytest.raises(RuntimeError), lf.lowmem.chunked_token_forward([ff], 4):
         raise RuntimeError
     assert "forward" not in ff.__dict__
 
