@@ -22,8 +22,9 @@ moments) and `training_state.json` (step, settings, optimizer hyper-parameters).
 Every random draw of step s comes from a generator seeded with (seed, s), so a resumed run
 repeats exactly the draws of an uninterrupted one.
 
-The command line entry (`python scripts/distill.py ...`, logic in nodes/distill_cli.py)
-imports ComfyUI to read a checkpoint; this module never imports it.
+The command line (`python scripts/distill.py ...`: arguments, data pipeline and run in
+linfusion/distill_cli.py) reads the checkpoint through ComfyUI (nodes/distill_model.py); this
+module never imports it.
 """
 
 from __future__ import annotations

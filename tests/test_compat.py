@@ -175,7 +175,7 @@ SYMBOLS: dict[str, tuple[int, tuple[str, ...]] | None] = {
     "comfy.sd.VAE.spacial_compression_decode": (1, ()),
     "comfy.sd.VAE.spacial_compression_encode": (1, ()),
     "latent_preview.get_previewer": (2, ()),
-    # model files (nodes/weights_store.py) and distillation (nodes/distill_cli.py)
+    # model files (nodes/weights_store.py) and distillation (nodes/distill_model.py)
     "folder_paths.models_dir": None,
     "folder_paths.folder_names_and_paths": None,
     "folder_paths.get_folder_paths": (1, ()),
