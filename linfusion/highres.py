@@ -23,7 +23,8 @@ Timesteps and sigmas. The reference works with diffusers timesteps t in [0, 1000
 keeps the state as `x = x0 + sigma n` with sigma = sqrt((1 - abar_t) / abar_t): the same
 state divided by sqrt(abar_t), a factor the model input scaling undoes. The skip residual
 is a convex combination of two states at the same noise level, so it is the same in either
-space; `noised` below is the sigma-space form. The host maps sigma back to t with its own
+space (the host noises x0 with its own model sampling: ComfyUI's `noise_scaling`, x0 + sigma n
+for EPS / v models). The host maps sigma back to t with its own
 model sampling (ComfyUI: `model_sampling.timestep(sigma)`, the nearest training timestep)
 and passes t to `cosine_factor`.
 
@@ -228,11 +229,6 @@ def cosine_weights(t: float, scales: tuple[float, float, float] = COSINE_SCALES)
     cf = cosine_factor(t)
     s1, s2, s3 = scales
     return cf**s1, cf**s2, 0.99 * cf**s3 + 0.01
-
-
-def noised(x0: torch.Tensor, noise: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
-    """x0 at noise level sigma in k-diffusion form: x0 + sigma * noise (EPS / v models)."""
-    return x0 + noise * sigma
 
 
 def skip_residual(x: torch.Tensor, x0_noised: torch.Tensor, c1: float) -> torch.Tensor:

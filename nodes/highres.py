@@ -38,6 +38,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
+import comfy.latent_formats
 import comfy.model_base
 import comfy.model_management
 import comfy.model_sampling
@@ -117,7 +118,7 @@ class HighResReport:
 def is_sdxl_like(model) -> bool:
     """SDXL and its relatives (same latent space): the reference's SDXL defaults apply."""
     fmt = model.get_model_object("latent_format")
-    return type(fmt).__name__.startswith("SDXL")
+    return isinstance(fmt, (comfy.latent_formats.SDXL, comfy.latent_formats.SDXL_Playground_2_5))
 
 
 def native_long_side(model) -> int:
@@ -177,13 +178,6 @@ def _fmt(v: float) -> str:
 
 
 # -- ComfyUI pieces ----------------------------------------------------------------------------
-def full_sigmas(model, steps: int, sampler_name: str, scheduler: str) -> torch.Tensor:
-    """The full schedule as ComfyUI's KSampler builds it (DISCARD_PENULTIMATE samplers included)."""
-    ks = comfy.samplers.KSampler(model, steps=steps, device="cpu", sampler=sampler_name, scheduler=scheduler,
-                                 denoise=1.0, model_options=model.model_options)
-    return ks.sigmas.float().cpu()
-
-
 class NoiseAxis:
     """Reference timesteps <-> the model's sigmas. Discrete models (ComfyUI's
     ModelSamplingDiscrete and its subclasses: SD1.x/2.x/XL, LCM, v-prediction) use their own

@@ -26,6 +26,7 @@ import comfy.model_management
 import comfy.ops
 import comfy.patcher_extension
 import torch
+from comfy.ldm.modules.attention import SpatialTransformer
 
 from ..linfusion import lowmem
 from ..linfusion.lowmem import LowMemory
@@ -161,7 +162,7 @@ def attention_at_full_res(unet: torch.nn.Module) -> bool:
     """Whether an LDM UNet has transformer blocks at the latent's own resolution (SD1.x/2.x yes,
     SDXL no): the low-memory estimate differs (linfusion/memory.py)."""
     blocks = getattr(unet, "input_blocks", None)
-    return bool(blocks) and len(blocks) > 1 and any(type(m).__name__ == "SpatialTransformer" for m in blocks[1])
+    return bool(blocks) and len(blocks) > 1 and any(isinstance(m, SpatialTransformer) for m in blocks[1])
 
 
 def low_memory_estimate():

@@ -44,7 +44,7 @@ from ..linfusion.parallel import (
 )
 from .schema import CATEGORY, schema
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("ComfyUI-LinFusion")
 PACK_ROOT = Path(__file__).resolve().parents[1]
 WRAPPER_KEY = "linfusion_multigpu"
 

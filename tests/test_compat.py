@@ -193,10 +193,13 @@ SYMBOLS: dict[str, tuple[int, tuple[str, ...]] | None] = {
     "comfy.samplers.calculate_sigmas": (3, ()),
     "comfy.model_sampling.CONST": None,
     "comfy.model_sampling.ModelSamplingDiscrete": None,
+    "comfy.latent_formats.SDXL": None,
+    "comfy.latent_formats.SDXL_Playground_2_5": None,
     "comfy.model_management.get_total_memory": (1, ()),
     # low-memory mode (nodes/lowmem.py) and the multi-GPU node (nodes/multigpu*.py)
     "comfy.model_management.get_torch_device": (0, ()),
     "comfy.ops.cast_bias_weight": (2, ("dtype",)),
+    "comfy.ldm.modules.attention.SpatialTransformer": None,
     "comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL": None,
     "comfy.patcher_extension.add_wrapper_with_key": (4, ()),
     "comfy.model_patcher.ModelPatcher.add_wrapper_with_key": (4, ()),

@@ -10,6 +10,7 @@ import math
 
 import comfy.cli_args
 import comfy.model_management
+import comfy.samplers
 import comfy.sd
 import comfy.utils
 import helpers
@@ -577,6 +578,13 @@ def test_v_prediction_model(H):
 
 
 # -- issue 11: strength as a noise level, any model sampling, SDXL size conditioning, skipping ------
+def full_sigmas(model, steps: int, sampler_name: str, scheduler: str) -> torch.Tensor:
+    """The full schedule as ComfyUI's KSampler builds it (DISCARD_PENULTIMATE samplers included)."""
+    ks = comfy.samplers.KSampler(model, steps=steps, device="cpu", sampler=sampler_name, scheduler=scheduler,
+                                 denoise=1.0, model_options=model.model_options)
+    return ks.sigmas.float().cpu()
+
+
 @pytest.mark.parametrize("kind", ["sd15", "sdxl"])
 def test_start_sigma_same_for_every_scheduler(H, hrm, kind):
     """A stage of strength s starts at the model's sigma of the reference timestep
@@ -596,7 +604,7 @@ def test_start_sigma_same_for_every_scheduler(H, hrm, kind):
                 if sched != "beta":  # beta merges repeated timesteps
                     assert len(sg) - 1 == st.steps, (sched, sampler)
     st = hrm.Stage(1, 8, 8, 0.32, 16, 2, 301)
-    old = {sched: float(H.full_sigmas(m, 50, "euler", sched)[-17]) for sched in ("normal", "karras", "exponential")}
+    old = {sched: float(full_sigmas(m, 50, "euler", sched)[-17]) for sched in ("normal", "karras", "exponential")}
     assert old["karras"] < 0.5 * float(ms.sigmas[301]) and old["exponential"] < 0.25 * float(ms.sigmas[301])
     # ddim_uniform at 50 steps: exactly the reference's timesteps 301, 281, ..., 1
     sg = H.stage_sigmas(m, st, "euler", "ddim_uniform")
