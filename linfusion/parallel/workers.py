@@ -93,19 +93,23 @@ def launch(fn: Callable, world: int, args: tuple = (), *, backend: str = "gloo",
             raise WorkerError("band-parallel worker failure: " + "; ".join(msg))
         return [got[r][1] for r in range(world)]
     finally:
-        started = [p for p in procs if p.pid is not None]
-        for p in started:
-            if p.is_alive():
-                p.terminate()
-        for p in started:
-            p.join(5)
-            if p.is_alive():
-                p.kill()
-                p.join()
+        _stop(procs)
         results.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
 
+
+def _stop(procs: list) -> None:
+    """Terminate the started processes; kill those still alive 5 s later."""
+    started = [p for p in procs if p.pid is not None]
+    for p in started:
+        if p.is_alive():
+            p.terminate()
+    for p in started:
+        p.join(5)
+        if p.is_alive():
+            p.kill()
+            p.join()
 
 
 def _to(t: Any, device: torch.device) -> Any:
