@@ -285,7 +285,7 @@ def put_weights(lf, linfusion_dir, model):
 
 def apply(node_classes, model, softmax_max_tokens=0):
     out = node_classes["ApplyLinFusion"].execute(model, "auto", softmax_max_tokens)
-    return out.result[0] if hasattr(out, "result") else out[0]
+    return helpers.first_output(out)
 
 
 def test_memory_required_accepts_what_newer_callers_pass(lf, pack, node_classes, sd15, linfusion_dir):

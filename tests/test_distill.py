@@ -219,7 +219,7 @@ def test_saved_weights_load_through_the_pack(D, lf, node_classes, linfusion_dir,
     results = {}
     for name in ("mine-fp32", "mine"):
         out = node_classes["ApplyLinFusion"].execute(model, name, 0)
-        patched = out.result[0] if hasattr(out, "result") else out[0]
+        patched = helpers.first_output(out)
         comfy.model_management.load_models_gpu([patched])
         try:
             results[name] = unet_output(patched, x, t, cond)

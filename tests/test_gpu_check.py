@@ -44,7 +44,3 @@ def test_dynamic_vram_settings_follow_this_comfyui():
     has = any("--disable-dynamic-vram" in a.option_strings for a in comfy.cli_args.parser._actions)
     assert gpu_check.dynamic_vram_settings() == (["on", "off"] if has else ["n/a"])
 
-
-def test_time_limits_fit_the_budget():
-    # the parts run one after the other; two hybrid runs at most
-    assert sum(gpu_check.LIMITS.values()) + gpu_check.LIMITS["hybrid"] <= gpu_check.BUDGET_S

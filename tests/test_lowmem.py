@@ -277,7 +277,7 @@ def test_low_memory_estimate_while_sampling_and_restored(lf, pack, LM, node_clas
     mods = helpers.lf_modules(lf, "sd15", unet)
     helpers.write_official(linfusion_dir / "LinFusion-1-5", lf, mods, helpers.random_state(lf, mods))
     out = node_classes["ApplyLinFusion"].execute(model, "auto", 0)
-    patched = out.result[0] if hasattr(out, "result") else out[0]
+    patched = helpers.first_output(out)
     H = pack.nodes.highres
     lf_base = base = model.model
     big = [2, 4, 2048, 1024]  # what ComfyUI asks at 16384x8192 px: cond + uncond
