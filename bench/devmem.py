@@ -50,7 +50,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 KINDS = ("sd15", "sd21", "sdxl")
 SIZES = (1024, 2048, 4096, 8192, 16384)
-FF_CHUNKS = 16
 PCIE_BYTES_PER_S = 25e9
 
 
@@ -230,13 +229,11 @@ def low_memory_context(pack, unet, tracker: LiveBytes | None, park: bool):
     the UNet call and the SkipParking (or None)."""
     import torch
 
-    H, LM = pack.nodes.highres, pack.nodes.lowmem
+    LM = pack.nodes.lowmem
     model_options: dict = {}
     with ExitStack() as stack:
-        stack.enter_context(pack.linfusion.highres.chunked_token_forward(
-            H.feed_forward_layers(unet), FF_CHUNKS, max_tokens=pack.linfusion.lowmem.MAX_CHUNK_TOKENS))
         park_dev = torch.device("meta") if park else None
-        parking = stack.enter_context(LM.low_memory_unet(unet, model_options, True, park_device=park_dev))
+        parking = stack.enter_context(LM.low_memory_unet(unet, model_options, LM.LowMemory(), park_device=park_dev))
         if parking is not None and tracker is not None:
             def allocate(shape, dtype, like):
                 host = torch.empty(shape, dtype=dtype, device="meta")

@@ -249,15 +249,41 @@ class LinFusionAttention(nn.Module):
                 "Remove the node that adds a self-attention mask, or leave this layer unpatched."
             )
         kv_in = x if context is None else context
-        v_in = kv_in if value is None else value
-        q = self.to_q(x + self.to_q_(x))
-        k = self.to_k(kv_in + self.to_k_(kv_in))
-        v = self.to_v(v_in)
-        b, nq, _ = q.shape
-        h = self.heads
-        # Heads as strided views of the (B, N, H, dh) projections: no transposed copies; the
-        # core writes straight into the (B, N, H, dv) output that to_out reads.
-        q, k, v = (t.view(b, t.shape[1], h, -1).transpose(1, 2) for t in (q, k, v))
-        out = torch.empty(b, nq, h, v.shape[-1], dtype=q.dtype, device=q.device)
-        linear_attention(q, k, v, out=out.transpose(1, 2))
-        return self.to_out(out.view(b, nq, -1))
+        return self.attend(x, self.summary(kv_in, kv_in if value is None else value))
+
+    # The layer's linear-attention path in named steps, shared by this forward, the band-parallel
+    # forward (linfusion/parallel.py: the summary is all-reduced between the two steps) and the
+    # token-streamed low-memory forward (linfusion/lowmem.py: both steps run on chunks of tokens).
+    def project_q(self, x: torch.Tensor) -> torch.Tensor:
+        """Queries (B, N, dim) of tokens x (B, N, dim): to_q(x + to_q_(x))."""
+        return self.to_q(x + self.to_q_(x))
+
+    def project_k(self, x: torch.Tensor) -> torch.Tensor:
+        """Keys (B, N, dim) of tokens x (B, N, dim): to_k(x + to_k_(x))."""
+        return self.to_k(x + self.to_k_(x))
+
+    def project_v(self, x: torch.Tensor) -> torch.Tensor:
+        """Values (B, N, dim) of tokens x (B, N, dim)."""
+        return self.to_v(x)
+
+    def split_heads(self, t: torch.Tensor) -> torch.Tensor:
+        """(B, N, H * d) -> (B, H, N, d) as a strided view of the projection: no transposed copy."""
+        return t.view(t.shape[0], t.shape[1], self.heads, -1).transpose(1, 2)
+
+    def summary(self, kv_in: torch.Tensor, v_in: torch.Tensor) -> torch.Tensor:
+        """`kv_summary` (B, H, dh, dh + 1) of the key tokens kv_in and value tokens v_in (B, Nk, dim)."""
+        return kv_summary(self.split_heads(self.project_k(kv_in)), self.split_heads(self.project_v(v_in)))
+
+    def attend(self, x: torch.Tensor, summary: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
+        """The layer's output (B, N, dim) for query tokens x (B, N, dim) and a key/value `summary`.
+
+        The core writes straight into a (B, N, H, dh) buffer that to_out reads (`scratch`, when
+        given, a buffer of at least N tokens in x's dtype that is reused across calls)."""
+        q = self.split_heads(self.project_q(x))
+        b, n = x.shape[:2]
+        if scratch is None:
+            out = torch.empty(b, n, self.heads, summary.shape[-1] - 1, dtype=q.dtype, device=q.device)
+        else:
+            out = scratch[:, :n]
+        apply_summary(q, summary, out=out.transpose(1, 2))
+        return self.to_out(out.reshape(b, n, -1))

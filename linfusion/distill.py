@@ -22,8 +22,9 @@ moments) and `training_state.json` (step, settings, optimizer hyper-parameters).
 Every random draw of step s comes from a generator seeded with (seed, s), so a resumed run
 repeats exactly the draws of an uninterrupted one.
 
-The command line entry (`python scripts/distill.py ...`, logic in nodes/distill_cli.py)
-imports ComfyUI to read a checkpoint; this module never imports it.
+The command line (`python scripts/distill.py ...`: arguments, data pipeline and run in
+linfusion/distill_cli.py) reads the checkpoint through ComfyUI (nodes/distill_model.py); this
+module never imports it.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +49,7 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from .attention import LinFusionAttention
 from .families import ModuleSpec, diffusers_to_ldm
+from .forwards import forwards_replaced
 from .patching import IncompatibleModelError, build_replacements, describe_model, model_family, plan_replacements
 from .weights import LinFusionWeights, make_config, parse_config, save_weights
 
@@ -338,22 +340,14 @@ class Distiller:
         """
         ckpt = self.config.gradient_checkpointing if checkpointing is None else checkpointing
         originals = {p: self.unet.get_submodule(p) for p in self.paths}
-        patched_forward: list[tuple[nn.Module, Any]] = []
         with self._frozen():
             try:
                 for path, layer in zip(self.paths, self.layers):
                     _set_submodule(self.unet, path, _StudentSlot(layer, sink))
-                if ckpt:
-                    for m in _checkpoint_targets(self.unet, self.paths):
-                        patched_forward.append((m, m.__dict__.get("forward")))
-                        m.forward = _checkpointed(m.forward)
-                yield self.unet
+                with forwards_replaced(_checkpoint_targets(self.unet, self.paths) if ckpt else [],
+                                       lambda m: _checkpointed(m.forward)):
+                    yield self.unet
             finally:
-                for m, prev in reversed(patched_forward):
-                    if prev is None:
-                        m.__dict__.pop("forward", None)
-                    else:
-                        m.forward = prev
                 for path, orig in originals.items():
                     _set_submodule(self.unet, path, orig)
 

@@ -23,7 +23,8 @@ Timesteps and sigmas. The reference works with diffusers timesteps t in [0, 1000
 keeps the state as `x = x0 + sigma n` with sigma = sqrt((1 - abar_t) / abar_t): the same
 state divided by sqrt(abar_t), a factor the model input scaling undoes. The skip residual
 is a convex combination of two states at the same noise level, so it is the same in either
-space; `noised` below is the sigma-space form. The host maps sigma back to t with its own
+space (the host noises x0 with its own model sampling: ComfyUI's `noise_scaling`, x0 + sigma n
+for EPS / v models). The host maps sigma back to t with its own
 model sampling (ComfyUI: `model_sampling.timestep(sigma)`, the nearest training timestep)
 and passes t to `cosine_factor`.
 
@@ -40,10 +41,11 @@ Nothing here imports ComfyUI; the glue lives in the pack's nodes/highres.py.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import einops
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -229,11 +231,6 @@ def cosine_weights(t: float, scales: tuple[float, float, float] = COSINE_SCALES)
     return cf**s1, cf**s2, 0.99 * cf**s3 + 0.01
 
 
-def noised(x0: torch.Tensor, noise: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
-    """x0 at noise level sigma in k-diffusion form: x0 + sigma * noise (EPS / v models)."""
-    return x0 + noise * sigma
-
-
 def skip_residual(x: torch.Tensor, x0_noised: torch.Tensor, c1: float) -> torch.Tensor:
     """(1 - c1) * x + c1 * x0_noised: pulls the state toward the noised upscaled latent."""
     return x * (1.0 - c1) + x0_noised * c1
@@ -249,8 +246,8 @@ def gaussian_kernel(kernel_size: int, sigma: float, channels: int, dtype=torch.f
     coords = torch.arange(kernel_size, dtype=torch.float64) - (kernel_size - 1) / 2
     g = torch.exp(-(coords**2) / (2 * float(sigma) ** 2))
     g = g / g.sum()
-    k2 = (g[:, None] * g[None, :]).to(dtype=dtype, device=device)
-    return k2.expand(channels, 1, kernel_size, kernel_size).contiguous()
+    k2 = einops.einsum(g, g, "i, j -> i j").to(dtype=dtype, device=device)  # separable: the outer product
+    return einops.repeat(k2, "i j -> c 1 i j", c=channels).contiguous()  # one (1, k, k) filter per channel
 
 
 def gaussian_blur(x: torch.Tensor, kernel_size: int, sigma: float) -> torch.Tensor:
@@ -300,60 +297,3 @@ def dilated_convs(convs: Iterable[nn.Conv2d], ratio: int) -> Iterator[None]:
     finally:
         for c, dil, pad in saved:
             c.dilation, c.padding = dil, pad
-
-
-def _chunked(forward, chunks: int, min_tokens: int, max_tokens: int | None = None):
-    def run(x: torch.Tensor, *args, **kwargs):
-        n = min(chunks, x.shape[1] // max(1, min_tokens)) if x.ndim == 3 else 1
-        if max_tokens and x.ndim == 3:
-            n = max(n, -(-x.shape[1] // max_tokens))
-        if n < 2 or kwargs.get("mask") is not None:  # a mask has a query axis of its own
-            return forward(x, *args, **kwargs)
-        out, s = None, 0
-        for part in x.chunk(n, dim=1):  # each result straight into its rows: no list, no concatenation
-            y = forward(part, *args, **kwargs)
-            if out is None:
-                out = y.new_empty((y.shape[0], x.shape[1], *y.shape[2:]))
-            out[:, s:s + y.shape[1]] = y
-            s += y.shape[1]
-            del y
-        return out
-
-    return run
-
-
-@contextmanager
-def chunked_token_forward(modules: Iterable[nn.Module], chunks: int, min_tokens: int = 4096,
-                          max_tokens: int | None = None) -> Iterator[None]:
-    """Run each module's forward on `chunks` slices of its token axis (dim 1 of a (B, N, C)
-    input), each result written into one output: a feed-forward layer's wide hidden
-    activation (or a cross-attention's queries and scores) then exists for N / chunks tokens
-    at a time. Exact for token-wise layers (cross-attention is: each query attends to the
-    same text tokens; calls with a mask run whole). Slices keep at least
-    `min_tokens` tokens (fewer chunks for small inputs): each chunk re-reads the layer's
-    weights, which costs more than it saves when activations are small; `max_tokens` caps a
-    slice (more chunks for big inputs). The modules themselves are not
-    replaced (their names, parameters and weight patches stay), only an instance-level
-    forward is set, and removed on exit whatever happens."""
-    with forwards_replaced(list(modules) if chunks > 1 else [],
-                           lambda m: _chunked(m.forward, chunks, min_tokens, max_tokens)):
-        yield
-
-
-@contextmanager
-def forwards_replaced(modules: Iterable[nn.Module], make: Callable[[nn.Module], Callable]) -> Iterator[int]:
-    """Give each module the instance-level forward `make(module)` for the duration of the block
-    (yields how many), then restore exactly what was there (an instance forward or none), also
-    when the block raises. The modules stay in place: names, parameters and weight patches keep."""
-    saved = []
-    try:
-        for m in modules:
-            saved.append((m, m.__dict__.get("forward")))
-            m.forward = make(m)
-        yield len(saved)
-    finally:
-        for m, own in reversed(saved):
-            if own is None:
-                m.__dict__.pop("forward", None)
-            else:
-                m.forward = own

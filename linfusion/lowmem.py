@@ -1,10 +1,11 @@
 """Low-memory pieces of a UNet evaluation at very high resolution, in pure PyTorch.
 
 The LinFusion reference fits a 16K SDXL image in 24 GB with four tricks (src/tools.py and the
-superres_sdxl_low_w_mem notebook): classifier-free-guidance halves one at a time, feed-forward
-layers on chunks of tokens (both in nodes/highres.py and linfusion/highres.py), in-place
-activations in the resnets, and the UNet's skip connections parked in host memory. This file
-holds the last two, written so that results equal the plain path:
+superres_sdxl_low_w_mem notebook): classifier-free-guidance halves one at a time (the
+sampler's cond batching, nodes/highres.py), feed-forward layers on chunks of tokens
+(`chunked_token_forward`), in-place activations in the resnets, and the UNet's skip
+connections parked in host memory. This file holds the last three, written so that results
+equal the plain path, and `LowMemory`, the settings every piece reads:
 
 * `SkipParking`: three callables for an LDM UNet's block patches. Each skip tensor (the
   `hs` list of the UNet's forward) is copied to `park_device` right after its input block and
@@ -40,19 +41,49 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
+import einops
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .highres import forwards_replaced
+from .attention import LinFusionAttention, kv_summary
+from .forwards import forwards_replaced
 
 # Rows per band: about this many bytes of the band's input. Large enough that each band's
 # convolution is a big kernel launch, small next to a 16K level-0 tensor (1.3 GB in fp16).
 BAND_BYTES = 64 << 20
 # Below this size (bytes of one feature map of the batch) a resblock runs as it is: chunking
-# small maps only adds passes.
+# small maps only adds passes. (linfusion/memory.py's low-memory estimate reads it too.)
 MIN_CHUNK_BYTES = 32 << 20
+# Token-wise layers in low-memory mode (feed-forward, cross-attention: its queries, output
+# and to_out result; the 77 text tokens are shared) run on at least 16 chunks of tokens (the
+# reference's feed-forward setting) and at most this many tokens per chunk, so their
+# temporaries stay near 100 MB at any resolution (a 16K SDXL level-1 feed-forward's hidden
+# activation would be 1.3 GB per 16th).
+TOKEN_CHUNKS = 16
+MAX_CHUNK_TOKENS = 1 << 14
+
+
+@dataclass(frozen=True)
+class LowMemory:
+    """Low-memory mode as one object: the sampler decides it once and passes it down as is.
+
+    token_chunks, max_chunk_tokens: feed-forward and cross-attention layers run on at least
+    `token_chunks` slices of their tokens, each at most `max_chunk_tokens` long
+    (chunked_token_forward). banded: the resnets, upsamplers and output head of the `levels`
+    highest resolutions in bands of rows, the decoder's skip concatenations left to them, the
+    skips parked in host memory and LinFusion layers streaming their queries; off when each
+    device holds only a band of rows (band parallelism: a banded GroupNorm's statistics would
+    be its band's own), where the feed-forward chunks stay. min_chunk_bytes: feature maps below
+    it run unbanded (None: MIN_CHUNK_BYTES when the forward runs)."""
+
+    token_chunks: int = TOKEN_CHUNKS
+    max_chunk_tokens: int = MAX_CHUNK_TOKENS
+    banded: bool = True
+    levels: int = 2  # the reference's in-place resnets matter only where the maps are biggest
+    min_chunk_bytes: int | None = None
 
 
 def _default_affine(norm: nn.GroupNorm, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -68,14 +99,14 @@ def group_stats(x: torch.Tensor, groups: int, eps: float, rows: int) -> tuple[to
     count = (c // groups) * h * w
     total = torch.zeros(b, groups, dtype=torch.float32, device=x.device)
     for r in range(0, h, rows):
-        total += x[:, :, r:r + rows].float().reshape(b, groups, -1).sum(-1)
-    mean = (total / count).view(b, groups, 1, 1, 1)
+        total += einops.rearrange(x[:, :, r:r + rows].float(), "b (g c) h w -> b g (c h w)", g=groups).sum(-1)
+    mean = einops.rearrange(total / count, "b g -> b g 1 1 1")
     # centred second pass: one-pass E[x^2] - E[x]^2 loses digits when |mean| >> std
     sq = torch.zeros(b, groups, dtype=torch.float32, device=x.device)
     for r in range(0, h, rows):
-        band = x[:, :, r:r + rows].to(torch.float32, copy=True).view(b, groups, c // groups, -1, w)
-        sq += band.sub_(mean).square_().reshape(b, groups, -1).sum(-1)
-    rstd = (sq / count + eps).rsqrt_().view(b, groups, 1, 1, 1)
+        band = einops.rearrange(x[:, :, r:r + rows].to(torch.float32, copy=True), "b (g c) h w -> b g c h w", g=groups)
+        sq += einops.rearrange(band.sub_(mean).square_(), "b g c h w -> b g (c h w)").sum(-1)
+    rstd = einops.rearrange((sq / count + eps).rsqrt_(), "b g -> b g 1 1 1")
     return mean, rstd
 
 
@@ -209,12 +240,12 @@ def group_affine(norm: nn.GroupNorm, mean: torch.Tensor, m2: torch.Tensor, count
     variance formula), so the parts of a concatenation can be measured apart."""
     b, c = mean.shape
     g = norm.num_groups
-    cm, c2 = mean.view(b, g, -1), m2.view(b, g, -1)
+    cm, c2 = (einops.rearrange(t, "b (g k) -> b g k", g=g) for t in (mean, m2))
     gm = cm.mean(-1, keepdim=True)
     var = (c2 + count * (cm - gm).square()).sum(-1, keepdim=True) / (count * (c // g))
     rstd = (var + norm.eps).rsqrt()
-    a = rstd.expand(b, g, c // g).reshape(b, c)
-    shift = (-gm * rstd).expand(b, g, c // g).reshape(b, c)
+    a = einops.repeat(rstd, "b g 1 -> b (g k)", k=c // g)
+    shift = einops.repeat(-gm * rstd, "b g 1 -> b (g k)", k=c // g)
     if gamma is not None:
         a, shift = a * gamma, shift * gamma
     if beta is not None:
@@ -483,8 +514,6 @@ def token_chunked_linfusion_forward(layer: nn.Module, chunk_tokens: int | None =
     x, q, k, v, the core's output and two full-size temporaries of the to_q_/to_k_ branches.
     Other cases (context/value tokens, hybrid softmax, masks, autograd, small inputs) take
     the layer's own forward."""
-    from .attention import apply_summary, kv_summary
-
     own = layer.forward
 
     def forward(x: torch.Tensor, context=None, value=None, mask=None, transformer_options=None, **kw):
@@ -496,31 +525,17 @@ def token_chunked_linfusion_forward(layer: nn.Module, chunk_tokens: int | None =
         k, v = (torch.empty(b, n, d, dtype=x.dtype, device=x.device) for _ in range(2))
         for s in range(0, n, step):
             xc = x[:, s:s + step]
-            k[:, s:s + step] = layer.to_k(xc + layer.to_k_(xc))
-            v[:, s:s + step] = layer.to_v(xc)
-        h = layer.heads
-        summary = kv_summary(*(t.view(b, n, h, -1).transpose(1, 2) for t in (k, v)))
+            k[:, s:s + step] = layer.project_k(xc)
+            v[:, s:s + step] = layer.project_v(xc)
+        summary = kv_summary(layer.split_heads(k), layer.split_heads(v))
         del v
         out = k  # the result goes where the keys were
-        o = torch.empty(b, min(step, n), h, d // h, dtype=x.dtype, device=x.device)
+        o = torch.empty(b, min(step, n), layer.heads, d // layer.heads, dtype=x.dtype, device=x.device)
         for s in range(0, n, step):
-            xc = x[:, s:s + step]
-            m = xc.shape[1]
-            q = layer.to_q(xc + layer.to_q_(xc)).view(b, m, h, -1)
-            apply_summary(q.transpose(1, 2), summary, out=o[:, :m].transpose(1, 2))
-            out[:, s:s + step] = layer.to_out(o[:, :m].reshape(b, m, d))
+            out[:, s:s + step] = layer.attend(x[:, s:s + step], summary, scratch=o)
         return out
 
     return forward
-
-
-# Token-wise layers in low-memory mode (feed-forward, cross-attention: its queries, output
-# and to_out result; the 77 text tokens are shared) run on at least 16 chunks of tokens (the
-# reference's feed-forward setting) and at most this many tokens per chunk, so their
-# temporaries stay near 100 MB at any resolution (a 16K SDXL level-1 feed-forward's hidden
-# activation would be 1.3 GB per 16th).
-TOKEN_CHUNKS = 16
-MAX_CHUNK_TOKENS = 1 << 14
 
 
 def cross_attention_layers(unet: nn.Module) -> list[nn.Module]:
@@ -528,12 +543,53 @@ def cross_attention_layers(unet: nn.Module) -> list[nn.Module]:
     return [m for n, m in unet.named_modules() if n.endswith(".attn2")]
 
 
+def feed_forward_layers(unet: nn.Module) -> list[nn.Module]:
+    """The transformer blocks' feed-forward modules (`...transformer_blocks.N.ff`)."""
+    return [m for n, m in unet.named_modules() if n.endswith(".ff") and hasattr(m, "net")]
+
+
+def _chunked(forward, chunks: int, min_tokens: int, max_tokens: int | None = None):
+    def run(x: torch.Tensor, *args, **kwargs):
+        n = min(chunks, x.shape[1] // max(1, min_tokens)) if x.ndim == 3 else 1
+        if max_tokens and x.ndim == 3:
+            n = max(n, -(-x.shape[1] // max_tokens))
+        if n < 2 or kwargs.get("mask") is not None:  # a mask has a query axis of its own
+            return forward(x, *args, **kwargs)
+        out, s = None, 0
+        for part in x.chunk(n, dim=1):  # each result straight into its rows: no list, no concatenation
+            y = forward(part, *args, **kwargs)
+            if out is None:
+                out = y.new_empty((y.shape[0], x.shape[1], *y.shape[2:]))
+            out[:, s:s + y.shape[1]] = y
+            s += y.shape[1]
+            del y
+        return out
+
+    return run
+
+
+@contextmanager
+def chunked_token_forward(modules: Iterable[nn.Module], chunks: int, min_tokens: int = 4096,
+                          max_tokens: int | None = None) -> Iterator[None]:
+    """Run each module's forward on `chunks` slices of its token axis (dim 1 of a (B, N, C)
+    input), each result written into one output: a feed-forward layer's wide hidden
+    activation (or a cross-attention's queries and scores) then exists for N / chunks tokens
+    at a time. Exact for token-wise layers (cross-attention is: each query attends to the
+    same text tokens; calls with a mask run whole). Slices keep at least
+    `min_tokens` tokens (fewer chunks for small inputs): each chunk re-reads the layer's
+    weights, which costs more than it saves when activations are small; `max_tokens` caps a
+    slice (more chunks for big inputs). The modules themselves are not
+    replaced (their names, parameters and weight patches stay), only an instance-level
+    forward is set, and removed on exit whatever happens."""
+    with forwards_replaced(list(modules) if chunks > 1 else [],
+                           lambda m: _chunked(m.forward, chunks, min_tokens, max_tokens)):
+        yield
+
+
 @contextmanager
 def token_chunked_linfusion(unet: nn.Module, chunk_tokens: int | None = None) -> Iterator[int]:
     """Every LinFusionAttention under `unet` runs token_chunked_linfusion_forward for the duration
     of the block (yields how many); removed on exit whatever happens."""
-    from .attention import LinFusionAttention
-
     with forwards_replaced([m for m in unet.modules() if isinstance(m, LinFusionAttention)],
                            lambda m: token_chunked_linfusion_forward(m, chunk_tokens)) as n:
         yield n

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import math
 
+from .lowmem import MIN_CHUNK_BYTES
+
 # MiB per latent element (batch x latent height x width) per byte of the compute dtype, times
 # the model's memory-usage factor: 0.007 gives 0.88x the tracker's peak for SD1.x/2.x and
 # 1.17x for SDXL. (ComfyUI uses 0.01 for attention backends whose memory is linear in the
@@ -29,12 +31,11 @@ SOFTMAX_HEADS_MAX = 20  # the most heads any supported family has in one self-at
 # left at the peak is a few full-size maps that ComfyUI's own blocks hold at once: in a
 # transformer block of the first level with attention (SD1.x/2.x: the latent's own size,
 # SDXL: half of it), or the decoder's banded resnets at the full size. Once the
-# full-resolution feature maps (320 channels) reach BANDED_FROM bytes the resnets run in
-# bands, whose fixed-size scratch is the constant term; below, a plain coefficient.
+# full-resolution feature maps (320 channels) reach MIN_CHUNK_BYTES the resnets run in bands,
+# whose fixed-size scratch is the constant term; below, a plain coefficient.
 #   key: attention at full resolution? -> (MiB fixed, MiB per element-byte banded, unbanded)
 LOW_MEMORY_FIT = {True: (200.0, 0.00213, 0.00625), False: (200.0, 0.00110, 0.00406)}
 FULL_RES_CHANNELS = 320  # model_channels of every supported family
-BANDED_FROM = 32 << 20  # linfusion.lowmem.MIN_CHUNK_BYTES
 
 
 # Hybrid mode without a layer list: a softmax layer at each of the four levels of SD1.x/2.x
@@ -86,6 +87,6 @@ def low_memory_inference_bytes(input_shape, dtype_size: int, attention_at_full_r
     transformer blocks at the latent's own resolution (SD1.x/2.x yes, SDXL no)."""
     element_bytes = input_shape[0] * math.prod(input_shape[2:]) * dtype_size
     fixed, per_banded, per_plain = LOW_MEMORY_FIT[bool(attention_at_full_res)]
-    if element_bytes * FULL_RES_CHANNELS >= BANDED_FROM:
+    if element_bytes * FULL_RES_CHANNELS >= MIN_CHUNK_BYTES:
         return (fixed + element_bytes * per_banded) * (1 << 20)
     return element_bytes * per_plain * (1 << 20)

@@ -37,8 +37,9 @@ import dataclasses
 import logging
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+import comfy.latent_formats
 import comfy.model_base
 import comfy.model_management
 import comfy.model_sampling
@@ -51,9 +52,9 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..linfusion import highres as hr
-from ..linfusion import lowmem, tiling
+from ..linfusion import tiling
 from .highres_checks import check_finite_output, check_inputs, check_memory, check_target
-from .lowmem import low_memory_estimate, low_memory_unet
+from .lowmem import LowMemory, low_memory_estimate, low_memory_unet
 from .multigpu import is_band_parallel
 from .schema import DISPLAY_NAMES, HIGHRES_CATEGORY, schema
 
@@ -64,7 +65,6 @@ UPSCALE_METHODS = ("pixel", "latent")
 ANCHOR_CHOICES = ("auto", "on", "off")
 SIZE_CONDITIONING = ("final", "per stage")
 STAGE_IMAGES = ("off", "preview", "save")
-FF_CHUNKS = 16  # the reference's low-memory feed-forward chunking
 DEFAULT_VAE_TILE = 2048  # the SD1.5 notebook tiles the VAE from 4K on, with 2048 px tiles
 SIMPLE_LOW_MEMORY_ABOVE = 4096  # px, long side: the simple node turns low-memory mode on above this
 VAE_TILE_OVERLAP = 64  # px
@@ -119,7 +119,7 @@ class HighResReport:
 def is_sdxl_like(model) -> bool:
     """SDXL and its relatives (same latent space): the reference's SDXL defaults apply."""
     fmt = model.get_model_object("latent_format")
-    return type(fmt).__name__.startswith("SDXL")
+    return isinstance(fmt, (comfy.latent_formats.SDXL, comfy.latent_formats.SDXL_Playground_2_5))
 
 
 def native_long_side(model) -> int:
@@ -179,13 +179,6 @@ def _fmt(v: float) -> str:
 
 
 # -- ComfyUI pieces ----------------------------------------------------------------------------
-def full_sigmas(model, steps: int, sampler_name: str, scheduler: str) -> torch.Tensor:
-    """The full schedule as ComfyUI's KSampler builds it (DISCARD_PENULTIMATE samplers included)."""
-    ks = comfy.samplers.KSampler(model, steps=steps, device="cpu", sampler=sampler_name, scheduler=scheduler,
-                                 denoise=1.0, model_options=model.model_options)
-    return ks.sigmas.float().cpu()
-
-
 class NoiseAxis:
     """Reference timesteps <-> the model's sigmas. Discrete models (ComfyUI's
     ModelSamplingDiscrete and its subclasses: SD1.x/2.x/XL, LCM, v-prediction) use their own
@@ -303,11 +296,6 @@ def one_cond_at_a_time(previous=None):
     return calc
 
 
-def feed_forward_layers(unet: torch.nn.Module) -> list[torch.nn.Module]:
-    """The transformer blocks' feed-forward modules (`...transformer_blocks.N.ff`)."""
-    return [m for n, m in unet.named_modules() if n.endswith(".ff") and hasattr(m, "net")]
-
-
 class _RefineModel:
     """Stands in for the sampler's model (KSamplerX0Inpaint): DemoFusion's step around it."""
 
@@ -345,15 +333,15 @@ class _RefineModel:
 
 class HighResStageSampler(comfy.samplers.Sampler):
     """A ComfyUI SAMPLER that runs `inner` (a KSAMPLER) with DemoFusion's refinement and/or
-    the low-memory feed-forward chunking, for one stage."""
+    low-memory mode (`low_memory`: its settings, None: off), for one stage."""
 
     def __init__(self, inner: comfy.samplers.KSAMPLER, refine: bool, dilation: int = 1,
-                 scales=hr.COSINE_SCALES, gaussian_sigma: float = hr.GAUSSIAN_SIGMA, ff_chunks: int = 1,
-                 min_weight: float = 0.0, axis: NoiseAxis | None = None):
+                 scales=hr.COSINE_SCALES, gaussian_sigma: float = hr.GAUSSIAN_SIGMA,
+                 low_memory: LowMemory | None = None, min_weight: float = 0.0, axis: NoiseAxis | None = None):
         self.inner = inner
         self.refine, self.dilation = refine, dilation
         self.scales, self.gaussian_sigma = tuple(scales), gaussian_sigma
-        self.ff_chunks = ff_chunks
+        self.low_memory = low_memory
         self.min_weight, self.axis = min_weight, axis
 
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
@@ -371,16 +359,14 @@ class HighResStageSampler(comfy.samplers.Sampler):
         else:
             sampler_function = inner_fn
         ks = comfy.samplers.KSAMPLER(sampler_function, self.inner.extra_options, self.inner.inpaint_options)
-        ffs = feed_forward_layers(unet) if self.ff_chunks > 1 else []
-        banded_unet = self.ff_chunks > 1
-        if banded_unet and is_band_parallel(base):
+        low_memory = self.low_memory
+        if low_memory is not None and low_memory.banded and is_band_parallel(base):
             # the banded resnets compute GroupNorm statistics of their own: not across devices
             log.info("LinFusion high-res: low_memory under LinFusion Multi-GPU: banded resnets, skip parking and "
                      "chunked LinFusion projections are off (each device holds only its band of rows); cond/uncond "
                      "one at a time and feed-forward chunks stay")
-            banded_unet = False
-        with hr.chunked_token_forward(ffs, self.ff_chunks, max_tokens=lowmem.MAX_CHUNK_TOKENS), \
-                low_memory_unet(unet, extra_args.get("model_options"), banded_unet):
+            low_memory = replace(low_memory, banded=False)
+        with low_memory_unet(unet, extra_args.get("model_options"), low_memory):
             return ks.sample(model_wrap, sigmas, extra_args, callback, noise, latent_image, denoise_mask, disable_pbar)
 
 
@@ -547,7 +533,7 @@ def run_stages(model, positive, negative, latent: dict | None, vae, target_px: t
         sampler = comfy.samplers.sampler_object(s.sampler_name)
         if res.refine or s.low_memory:
             sampler = HighResStageSampler(sampler, res.refine, st.dilation, s.cosine_scales, s.gaussian_sigma,
-                                          FF_CHUNKS if s.low_memory else 1, s.dilated_min_weight, axis)
+                                          LowMemory() if s.low_memory else None, s.dilated_min_weight, axis)
         offset, n = done, len(sigmas) - 1
 
         def callback(step, x0, _x, _total, offset=offset, n=n):
@@ -626,10 +612,11 @@ TIP_UPSCALE = ("pixel: decode, bicubic x2, encode between stages (the reference;
                "latent: bicubic on the latent, no VAE round trip (faster, softer).")
 TIP_LOW_MEM = ("Lower peak memory for very large images (the reference's 16K-in-24GB settings and more): positive "
                "and negative are evaluated one after the other instead of as one doubled batch, feed-forward and "
-               f"cross-attention run on at least {FF_CHUNKS} chunks of tokens, LinFusion reduces keys/values to "
-               "their summary before streaming the queries, the resnets, upsamplers and output head of the two "
-               "largest levels run in bands of rows without building the decoder's skip concatenations, and on "
-               "a GPU the UNet's skip connections wait in CPU memory. Same result (up to float rounding). "
+               f"cross-attention run on at least {LowMemory.token_chunks} chunks of tokens, LinFusion reduces "
+               "keys/values to their summary before streaming the queries, the resnets, upsamplers and output head "
+               "of the two largest levels run in bands of rows without building the decoder's skip "
+               "concatenations, and on a GPU the UNet's skip connections wait in CPU memory. Same result (up to "
+               "float rounding). "
                "Projected fp16 peak: SD1.5 16384x8192 about 10.6 GiB, SDXL 16384x16384 about 13.9 GiB "
                "(bench/RESULTS.md).")
 TIP_TILE = ("Images whose long side exceeds this many pixels are VAE-decoded/encoded in tiles of this size "

@@ -20,21 +20,21 @@ parked skip is on the wrong device for that.
 from __future__ import annotations
 
 import logging
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 
 import comfy.model_management
 import comfy.ops
 import comfy.patcher_extension
 import torch
+from comfy.ldm.modules.attention import SpatialTransformer
 
 from ..linfusion import lowmem
-from ..linfusion.highres import chunked_token_forward
+from ..linfusion.lowmem import LowMemory
 from ..linfusion.memory import low_memory_inference_bytes
 
 log = logging.getLogger("ComfyUI-LinFusion")
 
 WRAPPER_KEY = "linfusion_low_memory"
-RESNET_LEVELS = 2  # the reference's in-place resnets matter only where the maps are biggest
 PARK_DEVICE = "auto"  # see low_memory_unet; tests set a device to exercise parking on a CPU
 
 
@@ -90,38 +90,50 @@ def low_memory_wrapper(parking: lowmem.SkipParking | None, concat: lowmem.SkipCo
 
 
 @contextmanager
-def low_memory_unet(unet: torch.nn.Module, model_options: dict | None, enabled: bool = True,
-                    park_device: torch.device | str | None = "default", min_chunk_bytes: int | None = None):
-    """For the duration of the block: banded resnets, upsamplers and output head (two highest
-    levels), LinFusion layers with streamed queries, token-chunked cross-attention, and, through
-    a DIFFUSION_MODEL wrapper in `model_options` (the sampling call's, extra_args'), the
-    decoder's skip concatenations left to the banded resnets and, off-CPU, skip connections
-    parked in CPU memory. park_device "auto": the CPU when the model computes elsewhere,
-    else no parking; None: no parking; a device: park there (tests park CPU tensors on the
-    CPU, which copies them); "default": the module's PARK_DEVICE. min_chunk_bytes: feature maps
-    below this size run unbanded (default linfusion.lowmem.MIN_CHUNK_BYTES). Yields the
+def low_memory_unet(unet: torch.nn.Module, model_options: dict | None, settings: LowMemory | None = LowMemory(),
+                    park_device: torch.device | str | None = "default"):
+    """Low-memory mode (`settings`; None: off) for the duration of the block: feed-forward layers
+    on chunks of tokens and, when settings.banded, everything `banded_unet` does. Yields the
     SkipParking (or None), whose counters say what moved."""
-    if not enabled:
+    if settings is None:
         yield None
         return
+    with lowmem.chunked_token_forward(lowmem.feed_forward_layers(unet), settings.token_chunks,
+                                      max_tokens=settings.max_chunk_tokens), \
+            (banded_unet(unet, model_options, settings, park_device) if settings.banded else nullcontext()) as parking:
+        yield parking
+
+
+@contextmanager
+def banded_unet(unet: torch.nn.Module, model_options: dict | None, settings: LowMemory,
+                park_device: torch.device | str | None = "default"):
+    """For the duration of the block: banded resnets, upsamplers and output head (the
+    settings.levels highest levels), LinFusion layers with streamed queries, token-chunked
+    cross-attention, and, through a DIFFUSION_MODEL wrapper in `model_options` (the sampling
+    call's, extra_args'), the decoder's skip concatenations left to the banded resnets and,
+    off-CPU, skip connections parked in CPU memory. park_device "auto": the CPU when the model
+    computes elsewhere, else no parking; None: no parking; a device: park there (tests park CPU
+    tensors on the CPU, which copies them); "default": the module's PARK_DEVICE. Yields the
+    SkipParking (or None)."""
+    min_chunk_bytes = settings.min_chunk_bytes
     if park_device == "default":
         park_device = PARK_DEVICE
     if park_device == "auto":
         compute = comfy.model_management.get_torch_device()
         park_device = None if torch.device(compute).type == "cpu" else torch.device("cpu")
     parking = lowmem.SkipParking(park_device) if park_device is not None and model_options is not None else None
-    blocks = lowmem.top_level_resblocks(unet, RESNET_LEVELS)
+    blocks = lowmem.top_level_resblocks(unet, settings.levels)
     concat = lowmem.SkipConcat(unet, blocks, min_chunk_bytes) if model_options is not None else None
     with ExitStack() as stack:
         stack.enter_context(lowmem.chunked_resblocks(blocks, min_bytes=min_chunk_bytes, affine=_affine,
                                                      pending=None if concat is None else concat.take))
-        stack.enter_context(lowmem.banded_upsamples(lowmem.top_level_upsamples(unet, RESNET_LEVELS),
+        stack.enter_context(lowmem.banded_upsamples(lowmem.top_level_upsamples(unet, settings.levels),
                                                     min_bytes=min_chunk_bytes))
         stack.enter_context(lowmem.banded_sequences([getattr(unet, "out", None)], min_bytes=min_chunk_bytes,
                                                     affine=_affine))
         stack.enter_context(lowmem.token_chunked_linfusion(unet))
-        stack.enter_context(chunked_token_forward(lowmem.cross_attention_layers(unet), lowmem.TOKEN_CHUNKS,
-                                                  max_tokens=lowmem.MAX_CHUNK_TOKENS))
+        stack.enter_context(lowmem.chunked_token_forward(lowmem.cross_attention_layers(unet), settings.token_chunks,
+                                                         max_tokens=settings.max_chunk_tokens))
         if model_options is not None:
             # a new transformer_options with our wrapper replaces the call's for the duration:
             # restoring the old object leaves the options exactly as they were
@@ -150,7 +162,7 @@ def attention_at_full_res(unet: torch.nn.Module) -> bool:
     """Whether an LDM UNet has transformer blocks at the latent's own resolution (SD1.x/2.x yes,
     SDXL no): the low-memory estimate differs (linfusion/memory.py)."""
     blocks = getattr(unet, "input_blocks", None)
-    return bool(blocks) and len(blocks) > 1 and any(type(m).__name__ == "SpatialTransformer" for m in blocks[1])
+    return bool(blocks) and len(blocks) > 1 and any(isinstance(m, SpatialTransformer) for m in blocks[1])
 
 
 def low_memory_estimate():

@@ -44,7 +44,7 @@ from ..linfusion.parallel import (
 )
 from .schema import CATEGORY, DISPLAY_NAMES, schema
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("ComfyUI-LinFusion")
 PACK_ROOT = Path(__file__).resolve().parents[1]
 WRAPPER_KEY = "linfusion_multigpu"
 
@@ -73,11 +73,15 @@ def parse_devices(text: str) -> list[torch.device]:
 
 
 def _serve_target():
-    """linfusion.parallel.serve under its top-level name, so a spawned worker can import it."""
+    """linfusion.parallel.serve under its top-level name, so a spawned worker can import it. The
+    pack root goes last on sys.path: first, its `nodes` package would shadow ComfyUI's `nodes`."""
     if str(PACK_ROOT) not in sys.path:
-        sys.path.insert(0, str(PACK_ROOT))
+        sys.path.append(str(PACK_ROOT))
     import linfusion.parallel
 
+    if Path(linfusion.__file__).resolve().parent != PACK_ROOT / "linfusion":
+        raise RuntimeError(f"LinFusion Multi-GPU: `import linfusion` finds {linfusion.__file__}, not this pack's "
+                           f"{PACK_ROOT / 'linfusion'}: uninstall that other `linfusion` package")
     return linfusion.parallel.serve
 
 

@@ -14,7 +14,7 @@ import torch
 def build_unet(payload: dict, device: torch.device) -> torch.nn.Module:
     """ComfyUI's UNetModel from `payload` (unet_config, LinFusion layer list, state dict) on `device`."""
     if payload["pack_root"] not in sys.path:
-        sys.path.insert(0, payload["pack_root"])
+        sys.path.append(payload["pack_root"])  # last: the pack's `nodes` must not shadow ComfyUI's
     if "comfy.model_management" not in sys.modules:
         import comfy.cli_args
 

@@ -5,8 +5,9 @@
 
 Run it with the Python that runs your ComfyUI. ComfyUI is found through --comfyui,
 $COMFYUI_PATH, the ComfyUI this pack is installed in (<ComfyUI>/custom_nodes/<pack>), or the
-dev setup's copy. The work is done by the pack's nodes/distill_cli.py (reading the checkpoint
-through ComfyUI) and linfusion/distill.py (the training, pure PyTorch); see docs/distill.md.
+dev setup's copy. The work is done by the pack's linfusion/distill_cli.py (the arguments, the
+data pipeline and the run), nodes/distill_model.py (reading the checkpoint through ComfyUI)
+and linfusion/distill.py (the training); see docs/distill.md.
 """
 
 from __future__ import annotations
@@ -33,9 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     pack = importlib.util.module_from_spec(spec)
     sys.modules[PACKAGE] = pack
     spec.loader.exec_module(pack)
-    from comfyui_linfusion.nodes.distill_cli import main as cli_main
+    from comfyui_linfusion.linfusion.distill_cli import main as cli_main
+    from comfyui_linfusion.nodes.distill_model import load_with_comfyui
 
-    return cli_main(argv)
+    return cli_main(argv, load_with_comfyui)
 
 
 if __name__ == "__main__":

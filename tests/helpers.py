@@ -140,6 +140,32 @@ def conds(kind: str, batch: int = 1, seed: int = 1, width: int = 512, height: in
     return out[0], out[1]
 
 
+def first_output(out):
+    """The first output of a node's `execute`: a V3 NodeOutput's result[0], or a V1 tuple's [0]."""
+    return out.result[0] if hasattr(out, "result") else out[0]
+
+
+def put_weights(lf, linfusion_dir: Path, kind: str, model, name: str | None = None, seed: int = 0) -> Path:
+    """Official-format weights sized for this small model, in the linfusion folder (folder `name`,
+    default: the family's own folder name, which `auto` finds)."""
+    unet = model.get_model_object("diffusion_model")
+    mods = lf_modules(lf, kind, unet)
+    fam = lf.FAMILIES[LF_FAMILY[kind]]
+    folder = linfusion_dir / (name or fam.folder_name)
+    return write_official(folder, lf, mods, random_state(lf, mods, seed=seed))
+
+
+def apply(node_classes, model, weights, softmax_max_tokens: int = 0):
+    """Apply LinFusion through its node: the patched clone of `model`."""
+    return first_output(node_classes["ApplyLinFusion"].execute(model, weights, softmax_max_tokens))
+
+
+def attn1_objects(model) -> dict:
+    """The UNet's self-attention modules by name (what Apply LinFusion replaces)."""
+    unet = model.model.diffusion_model
+    return {n: m for n, m in unet.named_modules() if n.endswith(".attn1")}
+
+
 def sample(model, kind: str, latent_hw=(16, 16), steps: int = 4, seed: int = 42, batch: int = 1,
            sampler: str = "euler", scheduler: str = "normal", cfg: float = 5.0, callback=None) -> torch.Tensor:
     """Sample from an empty latent with ComfyUI's own sampling entry point."""

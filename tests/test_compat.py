@@ -175,7 +175,7 @@ SYMBOLS: dict[str, tuple[int, tuple[str, ...]] | None] = {
     "comfy.sd.VAE.spacial_compression_decode": (1, ()),
     "comfy.sd.VAE.spacial_compression_encode": (1, ()),
     "latent_preview.get_previewer": (2, ()),
-    # model files (nodes/weights_store.py) and distillation (nodes/distill_cli.py)
+    # model files (nodes/weights_store.py) and distillation (nodes/distill_model.py)
     "folder_paths.models_dir": None,
     "folder_paths.folder_names_and_paths": None,
     "folder_paths.get_folder_paths": (1, ()),
@@ -193,10 +193,13 @@ SYMBOLS: dict[str, tuple[int, tuple[str, ...]] | None] = {
     "comfy.samplers.calculate_sigmas": (3, ()),
     "comfy.model_sampling.CONST": None,
     "comfy.model_sampling.ModelSamplingDiscrete": None,
+    "comfy.latent_formats.SDXL": None,
+    "comfy.latent_formats.SDXL_Playground_2_5": None,
     "comfy.model_management.get_total_memory": (1, ()),
     # low-memory mode (nodes/lowmem.py) and the multi-GPU node (nodes/multigpu*.py)
     "comfy.model_management.get_torch_device": (0, ()),
     "comfy.ops.cast_bias_weight": (2, ("dtype",)),
+    "comfy.ldm.modules.attention.SpatialTransformer": None,
     "comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL": None,
     "comfy.patcher_extension.add_wrapper_with_key": (4, ()),
     "comfy.model_patcher.ModelPatcher.add_wrapper_with_key": (4, ()),
@@ -290,7 +293,7 @@ def put_weights(lf, linfusion_dir, model):
 
 def apply(node_classes, model, softmax_max_tokens=0):
     out = node_classes["ApplyLinFusion"].execute(model, "auto", softmax_max_tokens)
-    return out.result[0] if hasattr(out, "result") else out[0]
+    return helpers.first_output(out)
 
 
 def test_memory_required_accepts_what_newer_callers_pass(lf, pack, node_classes, sd15, linfusion_dir):

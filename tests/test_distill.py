@@ -32,8 +32,15 @@ def D(lf):
 
 
 @pytest.fixture(scope="module")
-def CLI(pack):
-    return importlib.import_module(".nodes.distill_cli", pack.__name__)
+def CLI(lf):
+    """The distillation command line's pure part (linfusion/distill_cli.py)."""
+    return importlib.import_module(".distill_cli", lf.__name__)
+
+
+@pytest.fixture(scope="module")
+def READ(pack):
+    """The command line's ComfyUI checkpoint reader (nodes/distill_model.py)."""
+    return importlib.import_module(".nodes.distill_model", pack.__name__)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
@@ -212,7 +219,7 @@ def test_saved_weights_load_through_the_pack(D, lf, node_classes, linfusion_dir,
     results = {}
     for name in ("mine-fp32", "mine"):
         out = node_classes["ApplyLinFusion"].execute(model, name, 0)
-        patched = out.result[0] if hasattr(out, "result") else out[0]
+        patched = helpers.first_output(out)
         comfy.model_management.load_models_gpu([patched])
         try:
             results[name] = unet_output(patched, x, t, cond)
@@ -299,14 +306,14 @@ class StandInCLIP:
         return torch.randn(1, 77, self.dim, generator=g), torch.randn(1, 1280, generator=g)
 
 
-def small_loader(CLI, kind="sd15", calls=None, model=None):
+def small_loader(READ, kind="sd15", calls=None, model=None):
     """load_model for run(): a small model of `kind` through the real ComfyUI glue (models_from_comfy)."""
     calls = [] if calls is None else calls
 
     def load(checkpoint, device, comfyui=None):
         patcher = model or helpers.small_model(kind)
-        return CLI.models_from_comfy(patcher, StandInCLIP(helpers.CONTEXT[kind], calls), StandInVAE(calls),
-                                     identity=f"small-{kind}", device=torch.device("cpu"), source=str(checkpoint))
+        return READ.models_from_comfy(patcher, StandInCLIP(helpers.CONTEXT[kind], calls), StandInVAE(calls),
+                                      identity=f"small-{kind}", device=torch.device("cpu"), source=str(checkpoint))
 
     return load
 
@@ -334,12 +341,12 @@ def cli_args(CLI, data, out, *extra):
 
 
 @pytest.mark.parametrize("kind", ["sd15", "sdxl"])
-def test_cli_pipeline_trains_saves_and_resumes(D, CLI, lf, tmp_path, kind):
+def test_cli_pipeline_trains_saves_and_resumes(D, CLI, READ, lf, tmp_path, kind):
     data, out = tmp_path / "data", tmp_path / "out"
     make_images(data, 3)
     calls: list = []
     model = helpers.small_model(kind)
-    load = small_loader(CLI, kind, calls, model)
+    load = small_loader(READ, kind, calls, model)
     steps = 2 if kind == "sd15" else 1  # SDXL's 70 layers: one step shows its conditioning works
     args = cli_args(CLI, data, out, "--steps", str(steps), "--save-every", "1", "--lr", "1e-3")
     assert CLI.run(args, load_model=load) == out
@@ -378,8 +385,8 @@ def test_cli_pipeline_trains_saves_and_resumes(D, CLI, lf, tmp_path, kind):
     assert all(torch.equal(a[k], b[f"param.{k}"]) for k in a)
 
 
-def test_cli_data_errors_write_nothing(D, CLI, tmp_path):
-    load = small_loader(CLI)
+def test_cli_data_errors_write_nothing(D, CLI, READ, tmp_path):
+    load = small_loader(READ)
     out = tmp_path / "out"
 
     empty = tmp_path / "empty"
@@ -407,11 +414,12 @@ def test_cli_data_errors_write_nothing(D, CLI, tmp_path):
         CLI.run(cli_args(CLI, broken, out), load_model=load)
     assert not out.exists()  # nothing written
 
-    assert CLI.main(["--checkpoint", "x.safetensors", "--data", str(empty), "--out", str(out)]) == 2
+    argv = ["--checkpoint", "x.safetensors", "--data", str(empty), "--out", str(out)]
+    assert CLI.main(argv, READ.load_with_comfyui) == 2
     assert not out.exists()  # nothing written
 
 
-def test_cli_unsupported_checkpoints_write_nothing(D, CLI, lf, tmp_path, capsys):
+def test_cli_unsupported_checkpoints_write_nothing(D, CLI, READ, lf, tmp_path, capsys):
     data, out = tmp_path / "data", tmp_path / "out"
     make_images(data, 1)
     cfg = dict(helpers.LAYOUTS["sd15"][1], model_channels=32, transformer_depth=[1] * 8,
@@ -419,24 +427,25 @@ def test_cli_unsupported_checkpoints_write_nothing(D, CLI, lf, tmp_path, capsys)
     base = comfy.model_base.BaseModel(sm.SD15(cfg))
     odd = comfy.model_patcher.ModelPatcher(base, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
     with pytest.raises(lf.IncompatibleModelError, match=r"unsupported UNet.*supports SD1\.x, SD2\.x and SDXL"):
-        CLI.run(cli_args(CLI, data, out), load_model=small_loader(CLI, model=odd))
+        CLI.run(cli_args(CLI, data, out), load_model=small_loader(READ, model=odd))
     assert not out.exists()  # nothing written
 
     # a file ComfyUI cannot read as a checkpoint, through the real loader
     junk = tmp_path / "junk.safetensors"
     save_file({"some.weight": torch.zeros(3, 3)}, str(junk))
-    rc = CLI.main(["--checkpoint", str(junk), "--data", str(data), "--out", str(out), "--quiet", "--device", "cpu"])
+    rc = CLI.main(["--checkpoint", str(junk), "--data", str(data), "--out", str(out), "--quiet", "--device", "cpu"],
+                  READ.load_with_comfyui)
     err = capsys.readouterr().err
     assert rc == 2 and "cannot read junk.safetensors as a model checkpoint" in err and "SD1.x, SD2.x or SDXL" in err
     assert not out.exists()  # nothing written
     # a pickled checkpoint is never opened
     (tmp_path / "m.ckpt").write_bytes(b"x")
     with pytest.raises(D.DistillError, match="only .safetensors"):
-        CLI.load_with_comfyui(tmp_path / "m.ckpt")
+        READ.load_with_comfyui(tmp_path / "m.ckpt")
     assert not out.exists()  # nothing written
 
 
-def test_full_size_checkpoint_through_comfyui(CLI, lf, tmp_path):
+def test_full_size_checkpoint_through_comfyui(CLI, READ, lf, tmp_path):
     """The real path: ComfyUI reads a full SD1.5 checkpoint (random weights), its VAE and CLIP
     encode the data, one step at 64x64 px (about 10 s of the 860M-parameter UNet on 2 cores),
     weights the pack loads."""
@@ -448,7 +457,7 @@ def test_full_size_checkpoint_through_comfyui(CLI, lf, tmp_path):
     try:
         start = time.perf_counter()
         rc = CLI.main(["--checkpoint", str(ckpt), "--data", str(data), "--out", str(out), "--steps", "1",
-                       "--resolution", "64", "--save-every", "0", "--device", "cpu", "--quiet"])
+                       "--resolution", "64", "--save-every", "0", "--device", "cpu", "--quiet"], READ.load_with_comfyui)
         seconds = time.perf_counter() - start
     finally:
         torch.set_num_threads(1)

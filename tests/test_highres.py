@@ -10,6 +10,7 @@ import math
 
 import comfy.cli_args
 import comfy.model_management
+import comfy.samplers
 import comfy.sd
 import comfy.utils
 import helpers
@@ -262,7 +263,7 @@ def test_cosine_blur_dilation_pieces(hrm):
     assert hrm.dilation_ratio(1024, 1024) == 1 and hrm.dilation_ratio(512, 1024) == 1
 
 
-def test_dilation_and_chunking_always_restore(hrm):
+def test_dilation_and_chunking_always_restore(hrm, lf):
     convs = [torch.nn.Conv2d(2, 2, 3, padding=1), torch.nn.Conv2d(2, 2, 3, stride=2, padding=1),
              torch.nn.Conv2d(2, 2, 1)]
     x = torch.randn(1, 2, 16, 16)
@@ -280,17 +281,17 @@ def test_dilation_and_chunking_always_restore(hrm):
     h = ff[0].register_forward_hook(lambda _m, i, _o: seen.append(i[0].shape[1]))
     want = ff(tokens)
     seen.clear()
-    with hrm.chunked_token_forward([ff], 16, min_tokens=1):
+    with lf.lowmem.chunked_token_forward([ff], 16, min_tokens=1):
         got = ff(tokens)
     assert (got - want).abs().max() < 1e-6 and max(seen) == 4 and len(seen) == 13  # ceil(50/16)=4 per chunk
     seen.clear()
-    with hrm.chunked_token_forward([ff], 16, min_tokens=20):  # 50 tokens: 2 chunks of at least 20
+    with lf.lowmem.chunked_token_forward([ff], 16, min_tokens=20):  # 50 tokens: 2 chunks of at least 20
         got = ff(tokens)
     h.remove()
     assert (got - want).abs().max() < 1e-6 and seen == [25, 25]
     seen.clear()
     h = ff[0].register_forward_hook(lambda _m, i, _o: seen.append(i[0].shape[1]))
-    with hrm.chunked_token_forward([ff], 2, min_tokens=20, max_tokens=12):  # the cap wins: ceil(50/12) = 5
+    with lf.lowmem.chunked_token_forward([ff], 2, min_tokens=20, max_tokens=12):  # the cap wins: ceil(50/12) = 5
         got = ff(tokens)
     h.remove()
     assert (got - want).abs().max() < 1e-6 and seen == [10] * 5
@@ -307,13 +308,13 @@ def test_dilation_and_chunking_always_restore(hrm):
     with torch.no_grad():
         ref = attn(tokens, context=ctx)
         calls.clear()
-        with hrm.chunked_token_forward([attn], 16, min_tokens=1, max_tokens=8):
+        with lf.lowmem.chunked_token_forward([attn], 16, min_tokens=1, max_tokens=8):
             out = attn(tokens, context=ctx)
             assert calls == [4] * 12 + [2] and (out - ref).abs().max() < 1e-6
             calls.clear()
             attn(tokens, context=ctx, mask=torch.ones(1))  # a mask has a query axis: one whole call
             assert calls == [50]
-    with pytest.raises(RuntimeError), hrm.chunked_token_forward([ff], 4):
+    with pytest.raises(RuntimeError), lf.lowmem.chunked_token_forward([ff], 4):
         raise RuntimeError
     assert "forward" not in ff.__dict__
 
@@ -577,6 +578,13 @@ def test_v_prediction_model(H):
 
 
 # -- issue 11: strength as a noise level, any model sampling, SDXL size conditioning, skipping ------
+def full_sigmas(model, steps: int, sampler_name: str, scheduler: str) -> torch.Tensor:
+    """The full schedule as ComfyUI's KSampler builds it (DISCARD_PENULTIMATE samplers included)."""
+    ks = comfy.samplers.KSampler(model, steps=steps, device="cpu", sampler=sampler_name, scheduler=scheduler,
+                                 denoise=1.0, model_options=model.model_options)
+    return ks.sigmas.float().cpu()
+
+
 @pytest.mark.parametrize("kind", ["sd15", "sdxl"])
 def test_start_sigma_same_for_every_scheduler(H, hrm, kind):
     """A stage of strength s starts at the model's sigma of the reference timestep
@@ -596,7 +604,7 @@ def test_start_sigma_same_for_every_scheduler(H, hrm, kind):
                 if sched != "beta":  # beta merges repeated timesteps
                     assert len(sg) - 1 == st.steps, (sched, sampler)
     st = hrm.Stage(1, 8, 8, 0.32, 16, 2, 301)
-    old = {sched: float(H.full_sigmas(m, 50, "euler", sched)[-17]) for sched in ("normal", "karras", "exponential")}
+    old = {sched: float(full_sigmas(m, 50, "euler", sched)[-17]) for sched in ("normal", "karras", "exponential")}
     assert old["karras"] < 0.5 * float(ms.sigmas[301]) and old["exponential"] < 0.25 * float(ms.sigmas[301])
     # ddim_uniform at 50 steps: exactly the reference's timesteps 301, 281, ..., 1
     sg = H.stage_sigmas(m, st, "euler", "ddim_uniform")

@@ -19,9 +19,9 @@ import comfy.utils
 import helpers
 import pytest
 import torch
+from helpers import apply, attn1_objects, put_weights
 from hub_standin import HubStandIn
 from safetensors.torch import save_file
-from test_apply import apply, attn1_objects, put_weights
 
 SD15_REPO = "Yuanshi/LinFusion-1-5"
 

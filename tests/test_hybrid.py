@@ -27,7 +27,7 @@ def put_weights(lf, linfusion_dir, model):
 
 def apply(node_classes, model, softmax_max_tokens):
     out = node_classes["ApplyLinFusion"].execute(model, "auto", softmax_max_tokens)
-    return out.result[0] if hasattr(out, "result") else out[0]
+    return helpers.first_output(out)
 
 
 def lora_for(model, scale=0.2, seed=3) -> dict:

@@ -126,7 +126,7 @@ def test_low_memory_unet_equals_plain(lf, lm, LM, kind, monkeypatch):
     n_blocks = len(lm.top_level_resblocks(unet, 2))
     with torch.no_grad():
         mo = {}
-        with LM.low_memory_unet(unet, mo, park_device="cpu", min_chunk_bytes=1 << 40) as park:
+        with LM.low_memory_unet(unet, mo, lm.LowMemory(min_chunk_bytes=1 << 40), park_device="cpu") as park:
             park.min_bytes = 0
             monkeypatch.setattr(lm, "PROJECTION_CHUNK_TOKENS", 1 << 30)  # parking alone
             parked_only = unet(x, t, ctx, y, transformer_options=mo["transformer_options"])
@@ -141,7 +141,7 @@ def test_low_memory_unet_equals_plain(lf, lm, LM, kind, monkeypatch):
         monkeypatch.setattr(lm, "split_input_resblock", lambda *a, **k: deferred.append(1) or own_split(*a, **k))
         own_up = lm.banded_upsample_forward
         monkeypatch.setattr(lm, "banded_upsample_forward", lambda *a, **k: ups.append(1) or own_up(*a, **k))
-        with LM.low_memory_unet(unet, mo, park_device="cpu", min_chunk_bytes=0) as park:
+        with LM.low_memory_unet(unet, mo, lm.LowMemory(min_chunk_bytes=0), park_device="cpu") as park:
             park.min_bytes = 0
             out = unet(x, t, ctx, y, transformer_options=mo["transformer_options"])
             counts = (len(banded), len(deferred), len(ups), len(q_calls), park.parked, park.fetched)
@@ -277,7 +277,7 @@ def test_low_memory_estimate_while_sampling_and_restored(lf, pack, LM, node_clas
     mods = helpers.lf_modules(lf, "sd15", unet)
     helpers.write_official(linfusion_dir / "LinFusion-1-5", lf, mods, helpers.random_state(lf, mods))
     out = node_classes["ApplyLinFusion"].execute(model, "auto", 0)
-    patched = out.result[0] if hasattr(out, "result") else out[0]
+    patched = helpers.first_output(out)
     H = pack.nodes.highres
     lf_base = base = model.model
     big = [2, 4, 2048, 1024]  # what ComfyUI asks at 16384x8192 px: cond + uncond

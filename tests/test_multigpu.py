@@ -15,7 +15,7 @@ import helpers
 import pytest
 import torch
 import torch.distributed as dist
-from test_apply import apply, put_weights
+from helpers import apply, put_weights
 
 
 @pytest.fixture
@@ -39,7 +39,7 @@ def test_parse_devices_and_clear_errors(multigpu):
 
 def test_one_device_is_a_no_op(node_classes, sd15):
     out = node_classes["LinFusionMultiGPU"].execute(sd15, "cpu", 60)
-    assert (out.result[0] if hasattr(out, "result") else out[0]) is sd15
+    assert helpers.first_output(out) is sd15
 
 
 def highres_stage(model, cfg: float) -> torch.Tensor:
@@ -58,7 +58,7 @@ def test_two_cpu_devices_sample_the_single_device_latent(lf, node_classes, sd15,
     # (measured 7e-5 here, latents up to 25); cfg 1 keeps a 10x margin (measured 1.0e-5).
     single = {cfg: highres_stage(model, cfg) for cfg in (1.0,)}
     out = node_classes["LinFusionMultiGPU"].execute(model, "cpu,cpu", 60)
-    banded_model = out.result[0] if hasattr(out, "result") else out[0]
+    banded_model = helpers.first_output(out)
     assert banded_model is not model and "diffusion_model" not in model.wrappers  # a clone; input untouched
     banded = {cfg: highres_stage(banded_model, cfg) for cfg in single}
     group = multigpu._GROUP
@@ -83,7 +83,7 @@ def test_group_closes_when_the_model_is_unloaded_or_collected(lf, node_classes, 
     put_weights(lf, linfusion_dir, "sd15", sd15)
     model = apply(node_classes, sd15, "auto")
     out = node_classes["LinFusionMultiGPU"].execute(model, "cpu,cpu", 60)
-    banded_model = out.result[0] if hasattr(out, "result") else out[0]
+    banded_model = helpers.first_output(out)
     first = highres_stage(banded_model, 1.0)
     group = multigpu._GROUP
     assert group is not None and not any(_gone(p) for p in group.pids)
@@ -143,7 +143,7 @@ def test_highres_sampler_runs_band_parallel_local_and_dilated(pack, lf, node_cla
     # cfg 1, 2 steps: local + dilated, then local alone (the cosine weight of the dilated pass is 0 at t 0)
     assert calls == [1, 2, 1]
     out = node_classes["LinFusionMultiGPU"].execute(model, "cpu,cpu", 60)
-    banded_model = out.result[0] if hasattr(out, "result") else out[0]
+    banded_model = helpers.first_output(out)
     errs = {}
     for low_memory in (False, True):
         before = dict(multigpu.CALLS)
@@ -170,7 +170,7 @@ def test_dilated_pass_too_thin_for_the_bands_runs_on_one_device(pack, lf, node_c
     model = apply(node_classes, sd15, "auto")
     single = highres(H, model, 12)
     out = node_classes["LinFusionMultiGPU"].execute(model, "cpu,cpu,cpu", 60)
-    banded_model = out.result[0] if hasattr(out, "result") else out[0]
+    banded_model = helpers.first_output(out)
     before = dict(multigpu.CALLS)
     with caplog.at_level(logging.WARNING):
         banded = highres(H, banded_model, 12)
@@ -218,7 +218,7 @@ def test_controlnet_residuals_run_band_parallel(lf, node_classes, sd15, linfusio
 
     single, plain = stage(model, True), stage(model, False)
     out = node_classes["LinFusionMultiGPU"].execute(model, "cpu,cpu", 60)
-    banded_model = out.result[0] if hasattr(out, "result") else out[0]
+    banded_model = helpers.first_output(out)
     before = dict(multigpu.CALLS)
     banded = stage(banded_model, True)
     assert multigpu.CALLS["band"] - before.get("band", 0) == 3 and multigpu._GROUP.world == 2

@@ -1,4 +1,5 @@
-"""Command line: distill LinFusion weights for an SD1.x / SD2.x / SDXL checkpoint.
+"""The distillation command line, pure PyTorch: its arguments, the image folder, the latent cache
+and the run.
 
     python scripts/distill.py --checkpoint model.safetensors --data images/ --out my_linfusion/
 
@@ -8,9 +9,10 @@ LinFusion layers against the checkpoint's UNet (`linfusion.distill`), and writes
 in the official format into `<out>/` (config.json + diffusion_pytorch_model.safetensors), the
 folder the pack's loader reads. Resumable checkpoints go to `<out>/checkpoints/step-NNNNNN/`.
 
-ComfyUI glue (it reads the checkpoint through ComfyUI, imported inside `load_with_comfyui`);
-the training itself is pure PyTorch in `linfusion/distill.py`. The data pipeline and the
-training loop take any `LoadedModel`, so they run without a checkpoint file.
+The model comes from a `load_model` callable returning a `LoadedModel`: the command line
+(scripts/distill.py) passes the pack's ComfyUI reader (nodes/distill_model.py); tests pass
+small stand-ins, so the data pipeline and the training loop run without a checkpoint file.
+Images are read with Pillow (imported where used; every ComfyUI has it).
 """
 
 from __future__ import annotations
@@ -31,17 +33,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ..linfusion.distill import (
-    DTYPES,
-    DistillConfig,
-    Distiller,
-    DistillError,
-    Forward,
-    collate_conds,
-    latest_checkpoint,
-)
-from ..linfusion.patching import IncompatibleModelError, describe_model, model_family
-from ..linfusion.weights import CONFIG_NAME, WEIGHTS_NAME, LinFusionWeightsError, load_weights
+from .distill import DTYPES, DistillConfig, Distiller, DistillError, Forward, collate_conds, latest_checkpoint
+from .patching import IncompatibleModelError, describe_model, model_family
+from .weights import CONFIG_NAME, WEIGHTS_NAME, LinFusionWeightsError, load_weights
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CACHE_DIR = ".cache"
@@ -143,113 +137,6 @@ class LoadedModel:
     identity: str
     input_dtype: torch.dtype | None = None
     release: Callable[[], None] | None = None  # frees the encoders' memory once the data is encoded
-
-
-def _find_comfyui(explicit: str | None) -> None:
-    """Make `import comfy` work: --comfyui, $COMFYUI_PATH, the ComfyUI this pack is installed in
-    (<ComfyUI>/custom_nodes/<pack>), or the dev setup's copy."""
-    try:
-        import comfy  # noqa: F401
-
-        if explicit is None:
-            return
-    except ImportError:
-        pass
-    pack = Path(__file__).resolve().parents[1]
-    candidates = [explicit, os.environ.get("COMFYUI_PATH"), str(pack.parents[1])]
-    marker = Path(os.environ.get("LINFUSION_DEV", pack / ".dev")) / "comfyui_path"
-    if marker.is_file():
-        candidates.append(marker.read_text().strip())
-    for c in candidates:
-        if c and (Path(c) / "comfy" / "sd.py").is_file():
-            sys.path.insert(0, str(Path(c)))
-            return
-    raise DistillError("ComfyUI not found: run this from a pack installed in ComfyUI/custom_nodes, or pass "
-                       "--comfyui /path/to/ComfyUI (or set COMFYUI_PATH)")
-
-
-def _comfy_identity(path: Path) -> str:
-    st = path.stat()
-    return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
-
-
-def load_with_comfyui(checkpoint: str | os.PathLike, device: str = "auto", comfyui: str | None = None) -> LoadedModel:
-    """Read a checkpoint with ComfyUI as a library (UNet, text encoder, VAE)."""
-    path = Path(checkpoint)
-    if not path.is_file():
-        raise DistillError(f"--checkpoint {path}: no such file")
-    if path.suffix.lower() != ".safetensors":
-        raise DistillError(f"--checkpoint {path.name}: only .safetensors checkpoints are read (pickled .ckpt files "
-                           "can run arbitrary code)")
-    _find_comfyui(comfyui)
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
-    import comfy.cli_args
-
-    if dev.type == "cpu" and "comfy.model_management" not in sys.modules:
-        comfy.cli_args.args.cpu = True  # must precede the first import of model_management
-    import comfy.sd
-
-    try:
-        out = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=True, output_clip=True,
-                                                    embedding_directory=None)
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise IncompatibleModelError(
-            f"ComfyUI cannot read {path.name} as a model checkpoint ({first}). LinFusion distillation needs a full "
-            "SD1.x, SD2.x or SDXL checkpoint (UNet, text encoder and VAE in one .safetensors file)"
-        ) from exc
-    patcher, clip, vae = out[0], out[1], out[2]
-    return models_from_comfy(patcher, clip, vae, identity=_comfy_identity(path), device=dev, source=path.name)
-
-
-def models_from_comfy(patcher, clip, vae, *, identity: str, device: torch.device, source: str) -> LoadedModel:
-    """LoadedModel from ComfyUI's (ModelPatcher, CLIP, VAE) of one checkpoint."""
-    import comfy.model_base
-
-    base = patcher.model
-    unet = getattr(base, "diffusion_model", None)
-    if unet is None or model_family(unet) is None:
-        what = describe_model(unet) if unet is not None else f"a {type(base).__name__} model"
-        raise IncompatibleModelError(
-            f"{source} is {what}; LinFusion distillation supports SD1.x, SD2.x and SDXL checkpoints")
-    kinds = {comfy.model_base.ModelType.EPS: "eps", comfy.model_base.ModelType.V_PREDICTION: "v"}
-    prediction = kinds.get(base.model_type)
-    sigmas = getattr(base.model_sampling, "sigmas", None)
-    if prediction is None or sigmas is None or getattr(base.model_sampling, "num_timesteps", None) is None:
-        raise IncompatibleModelError(f"{source}: model type {base.model_type.name} is not supported (only eps and "
-                                     "v-prediction models with a discrete 1000-step schedule)")
-    if clip is None or vae is None or getattr(vae, "first_stage_model", None) is None:
-        raise IncompatibleModelError(f"{source} has no text encoder or no VAE (a UNet-only file?): distillation "
-                                     "needs a full checkpoint to encode the images and captions")
-    alphas_cumprod = 1.0 / (1.0 + sigmas.double().cpu() ** 2)
-    input_dtype = base.manual_cast_dtype or base.get_dtype()
-
-    def forward(m, x, t, cond):
-        return m(x, t, context=cond["context"], y=cond.get("y"), transformer_options={})
-
-    def encode_images(pixels: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return base.process_latent_in(vae.encode(pixels)).float().cpu()
-
-    def encode_text(caption: str, width: int, height: int) -> dict[str, torch.Tensor]:
-        with torch.no_grad():
-            cond, pooled = clip.encode_from_tokens(clip.tokenize(caption), return_pooled=True)
-            out = {"context": cond.float().cpu()}
-            y = base.encode_adm(pooled_output=pooled, width=width, height=height, crop_w=0, crop_h=0,
-                                target_width=width, target_height=height)
-            if y is not None:
-                out["y"] = y.float().cpu()
-        return out
-
-    def release() -> None:
-        import comfy.model_management
-
-        comfy.model_management.unload_all_models()
-        comfy.model_management.soft_empty_cache()
-
-    return LoadedModel(unet, forward, alphas_cumprod, prediction, encode_images, encode_text, device, identity,
-                       input_dtype, release)
 
 
 # -- the latent cache -----------------------------------------------------------------------------------
@@ -374,9 +261,10 @@ def _write_final(distiller: Distiller, out: Path) -> Path:
     return out
 
 
-def run(args: argparse.Namespace, load_model: Callable[..., LoadedModel] | None = None) -> Path:
+def run(args: argparse.Namespace, load_model: Callable[..., LoadedModel]) -> Path:
     """Distill as the command line asks. `load_model(checkpoint, device, comfyui)` reads the model
-    (default: `load_with_comfyui`). Every check that can fail runs before the first write."""
+    (the command line's: nodes/distill_model.py's `load_with_comfyui`). Every check that can fail
+    runs before the first write."""
     out = Path(args.out)
     for name in ("steps", "batch_size", "save_every"):
         if getattr(args, name) < (0 if name == "save_every" else 1):
@@ -387,7 +275,7 @@ def run(args: argparse.Namespace, load_model: Callable[..., LoadedModel] | None 
     examples = scan_dataset(args.data)
     check_images(examples)
     init = load_weights(args.init) if args.init else None
-    model = (load_model or load_with_comfyui)(args.checkpoint, args.device, getattr(args, "comfyui", None))
+    model = load_model(args.checkpoint, args.device, getattr(args, "comfyui", None))
     fam = model_family(model.unet)
     if fam is None:
         raise IncompatibleModelError(f"{Path(args.checkpoint).name} is {describe_model(model.unet)}; LinFusion "
@@ -434,15 +322,12 @@ def run(args: argparse.Namespace, load_model: Callable[..., LoadedModel] | None 
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None, load_model: Callable[..., LoadedModel]) -> int:
+    """The command line: parse `argv`, run; a one-line error and exit code 2 for bad input."""
     args = build_parser().parse_args(argv)
     try:
-        run(args)
+        run(args, load_model)
     except (DistillError, IncompatibleModelError, LinFusionWeightsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,66 @@
+"""The pack's layering, checked on the source: linfusion/ never imports ComfyUI or the glue, and
+loading the glue leaves ComfyUI's own top-level `nodes` module where ComfyUI put it."""
+
+from __future__ import annotations
+
+import ast
+import importlib.machinery
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# Top-level modules of ComfyUI (and its API packages) that pure code must not reach.
+COMFY_MODULES = {"comfy", "comfy_api", "comfy_extras", "comfy_execution", "comfy_config", "nodes", "folder_paths",
+                 "execution", "server", "latent_preview", "node_helpers", "main"}
+
+
+def imports_of(path: Path) -> list[tuple[int, str, int]]:
+    """(line, module, relative level) of every import statement in `path`, nested ones included."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, a.name, 0) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            found.append((node.lineno, node.module or "", node.level))
+    return found
+
+
+@pytest.mark.pure
+def test_linfusion_never_imports_comfyui_or_the_glue():
+    """Every linfusion/**/*.py: no import of a ComfyUI module (also inside functions), and no
+    relative import that climbs out of the package (`from ..nodes`)."""
+    files = sorted((REPO / "linfusion").rglob("*.py"))
+    assert len(files) >= 12  # the scan sees the package (subpackages included)
+    bad = []
+    for path in files:
+        depth = len(path.relative_to(REPO / "linfusion").parts)  # 1: linfusion/x.py, 2: linfusion/sub/x.py
+        for line, module, level in imports_of(path):
+            top = module.split(".")[0]
+            if (level == 0 and top in COMFY_MODULES) or level > depth:
+                bad.append(f"{path.relative_to(REPO)}:{line}: {'.' * level}{module}")
+    assert not bad, "linfusion/ must stay pure PyTorch:\n" + "\n".join(bad)
+
+
+@pytest.mark.pure
+def test_scan_sees_a_comfyui_import(tmp_path):
+    """The scan itself: an import inside a function and a climbing relative import are found."""
+    f = tmp_path / "x.py"
+    f.write_text("import torch\n\ndef f():\n    import comfy.ops\n    from ..nodes import apply\n")
+    assert imports_of(f) == [(1, "torch", 0), (4, "comfy.ops", 0), (5, "nodes", 2)]
+
+
+def test_multigpu_keeps_comfyui_nodes_first_on_the_path(pack, monkeypatch):
+    """The Multi-GPU node puts the pack root on sys.path so that spawned workers can import
+    `linfusion.parallel`; an import of `nodes` must still find ComfyUI's nodes.py, not the
+    pack's `nodes` package (a search of sys.path as a fresh process would make it)."""
+    comfy_nodes = Path(sys.modules["nodes"].__file__).resolve()
+    assert comfy_nodes.name == "nodes.py"
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if Path(p or ".").resolve() != REPO])
+    assert pack.nodes.multigpu._serve_target().__module__.startswith("linfusion.parallel")
+    assert str(REPO) in sys.path
+    found = importlib.machinery.PathFinder.find_spec("nodes", sys.path)
+    assert Path(found.origin).resolve() == comfy_nodes
+    lf = importlib.machinery.PathFinder.find_spec("linfusion", sys.path)
+    assert Path(lf.origin).resolve() == REPO / "linfusion" / "__init__.py"
