@@ -31,6 +31,7 @@ import hashlib
 import http.server
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -61,14 +62,22 @@ LOG_LIMIT = 6000
 
 
 def run(cmd: list[str], cwd: Path | None = None, env: dict | None = None, timeout: float = 300) -> str:
-    """Run a command; its output, or a failure that shows the command and its output's tail."""
+    """Run a command; its output, or a failure that shows the command and its output's tail. On
+    timeout its whole process group goes (an installer's pip children too)."""
     t0 = time.monotonic()
-    p = subprocess.run([str(c) for c in cmd], cwd=cwd, env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL,
-                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+    p = subprocess.Popen([str(c) for c in cmd], cwd=cwd, env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = p.communicate(timeout=timeout)
+        status = f"exit {p.returncode}"
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, _ = p.communicate()
+        status = "timed out"
     if p.returncode != 0:
-        pytest.fail(f"exit {p.returncode} after {time.monotonic() - t0:.0f} s: {' '.join(map(str, cmd))}\n"
-                    f"{p.stdout[-LOG_LIMIT:]}", pytrace=False)
-    return p.stdout
+        pytest.fail(f"{status} after {time.monotonic() - t0:.0f} s: {' '.join(map(str, cmd))}\n{out[-LOG_LIMIT:]}",
+                    pytrace=False)
+    return out
 
 
 def site_packages(python: Path) -> Path:
