@@ -74,12 +74,14 @@ class ComfyUIProcess:
     in, or the dev setup's copy). python: its interpreter (default: the dev venv's, else this
     one). workdir: where the log and the pack's link go (default: a temporary folder, removed
     on close). extra_model_paths: yaml files passed on, in order. args: more arguments for
-    main.py as they are. cpu: add --cpu (None: when the interpreter sees no CUDA).
+    main.py as they are. cpu: add --cpu (None: when the interpreter sees no CUDA). link_pack:
+    False loads only what the ComfyUI's custom_nodes holds (e.g. a copy a test installed there).
     """
 
     def __init__(self, comfyui: Path | None = None, python: str | None = None, workdir: Path | None = None,
                  extra_model_paths: list[Path] | None = None, args: list[str] | None = None,
-                 cpu: bool | None = None, start_timeout: float = 180.0, env: dict[str, str] | None = None) -> None:
+                 cpu: bool | None = None, start_timeout: float = 180.0, env: dict[str, str] | None = None,
+                 link_pack: bool = True) -> None:
         if comfyui is None:
             try:
                 comfyui = comfyui_path()
@@ -97,6 +99,7 @@ class ComfyUIProcess:
         self.cpu = cpu
         self.start_timeout = start_timeout
         self.env = dict(env or {})
+        self.link_pack = link_pack
         self.port = 0
         self.proc: subprocess.Popen | None = None
         self.log_path = self.workdir / "comfyui.log"
@@ -111,15 +114,18 @@ class ComfyUIProcess:
     @property
     def custom_nodes(self) -> Path:
         """The custom_nodes folder ComfyUI loads this pack from."""
-        return self.comfyui / "custom_nodes" if self._pack_installed() else self.workdir / "custom_nodes"
+        return self.workdir / "custom_nodes" if self._links_pack() else self.comfyui / "custom_nodes"
 
     @property
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def _pack_installed(self) -> bool:
+    def _links_pack(self) -> bool:
+        """Whether this checkout reaches ComfyUI through a link in the work folder: unless asked
+        not to, or ComfyUI's own custom_nodes already holds it."""
         folder = self.comfyui / "custom_nodes"
-        return folder.is_dir() and any(p.resolve() == REPO for p in folder.iterdir() if p.is_dir())
+        installed = folder.is_dir() and any(p.resolve() == REPO for p in folder.iterdir() if p.is_dir())
+        return self.link_pack and not installed
 
     def command(self) -> list[str]:
         cmd = [self.python, str(self.comfyui / "main.py"), "--listen", "127.0.0.1", "--port", str(self.port),
@@ -132,7 +138,7 @@ class ComfyUIProcess:
         if cpu:
             cmd.append("--cpu")
         yamls = list(self.extra_model_paths)
-        if not self._pack_installed():
+        if self._links_pack():
             nodes_dir = self.workdir / "custom_nodes"
             nodes_dir.mkdir(parents=True, exist_ok=True)
             link = nodes_dir / PACK_NAME

@@ -69,10 +69,11 @@ class PromptFailed(ServerError):
 
 
 class ComfyServer(ComfyUIProcess):
-    """The tests' server: CPU mode, offline, every folder it writes inside `root`."""
+    """The tests' server: CPU mode, offline, every folder it writes inside `root`. link_pack=False:
+    no link to this checkout, only what `comfyui`'s own custom_nodes holds (an installed copy)."""
 
     def __init__(self, root: Path, python: str | None = None, comfyui: Path | None = None,
-                 env: dict[str, str] | None = None, start_timeout: float = 60.0) -> None:
+                 env: dict[str, str] | None = None, start_timeout: float = 60.0, link_pack: bool = True) -> None:
         self.root = Path(root)
         self.client_id = uuid.uuid4().hex
         self.dirs = {name: self.root / name for name in ("out", "in", "tmp", "user", "custom_nodes", "hf")}
@@ -80,7 +81,7 @@ class ComfyServer(ComfyUIProcess):
         self.yaml_path = self.root / "extra_model_paths.yaml"
         super().__init__(
             comfyui, python or sys.executable, workdir=self.root, extra_model_paths=[self.yaml_path], cpu=True,
-            start_timeout=start_timeout,
+            start_timeout=start_timeout, link_pack=link_pack,
             env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HOME": str(self.dirs["hf"]), **(env or {})},
             args=[offline_flag(comfyui or comfyui_path()),
                   "--output-directory", str(self.dirs["out"]), "--input-directory", str(self.dirs["in"]),
@@ -142,7 +143,10 @@ class ComfyServer(ComfyUIProcess):
         dead server -> ServerError. Both carry the server log tail."""
         deadline = time.monotonic() + timeout
         while True:
-            entry = self.history(prompt_id)
+            try:
+                entry = self.history(prompt_id)
+            except TimeoutError:  # a server starved of CPU (a loaded machine) answers late: poll again
+                entry = None
             if entry is not None and entry.get("status", {}).get("completed") is not None:
                 status = entry["status"]
                 if status.get("status_str") == "success" and status.get("completed"):

@@ -88,8 +88,9 @@ def _seed():
     torch.manual_seed(0)
 
 
-# Fixtures that start a server process, a browser, or build full-size stand-in files.
-HEAVY_FIXTURES = {"comfy_server", "model_dirs", "sd15_checkpoint", "wf", "object_info"}
+# Fixtures that start a server process, a browser, install from the package registries, or build
+# full-size stand-in files.
+HEAVY_FIXTURES = {"comfy_server", "model_dirs", "sd15_checkpoint", "wf", "object_info", "install_tools"}
 
 
 def pytest_collection_modifyitems(config, items):

@@ -66,14 +66,15 @@ def sd15_checkpoint():
     return path
 
 
-def place_sd15(model_dirs: ModelDirs, checkpoint, lf, ckpt_name: str, weights_name: str) -> None:
+def place_sd15(model_dirs: ModelDirs, checkpoint, lf, ckpt_name: str, weights_name: str, weights=None) -> None:
     """Link the random SD1.5 checkpoint into the server's checkpoints folder as `ckpt_name`,
-    and full-size random SD1.x LinFusion weights into its linfusion folder as a real folder
-    `weights_name` holding (links to) the two official files, as a user would have it."""
+    and random SD1.x LinFusion weights (full-size, or the folder `weights`) into its linfusion
+    folder as a real folder `weights_name` holding (links to) the two official files, as a user
+    would have it."""
     link = model_dirs.checkpoints / ckpt_name
     if not link.is_symlink():
         link.symlink_to(checkpoint)
-    src = checkpoints.linfusion_weights(lf, "sd1")
+    src = weights or checkpoints.linfusion_weights(lf, "sd1")
     dst = model_dirs.linfusion / weights_name
     dst.mkdir(exist_ok=True)
     for f in src.iterdir():
