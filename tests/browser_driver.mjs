@@ -59,24 +59,25 @@ try {
     const input = page.locator('.comfy-vue-node-search-container input').first();
     for (const q of job.search) {
       for (let attempt = 0; ; attempt++) {
-        await page.mouse.dblclick(job.viewport ? job.viewport.width / 2 : 800, job.viewport ? job.viewport.height / 2 : 500);
         try {
+          await page.mouse.dblclick(job.viewport ? job.viewport.width / 2 : 800, job.viewport ? job.viewport.height / 2 : 500);
           await input.waitFor({ timeout: 5000 });
+          await input.fill(q, { timeout: 5000 });
+          await page.waitForSelector('li.p-autocomplete-option', { timeout: 10000 });
+          await page.waitForTimeout(600);  // the list settles (the search box debounces typing)
+          result.search[q] = await page.evaluate(() => [...document.querySelectorAll('li.p-autocomplete-option')]
+            .slice(0, 10).map((e) => e.getAttribute('aria-label')));
           break;
         } catch (e) {
           if (attempt >= 2) {
             await page.screenshot({ path: path.join(job.out, 'search box did not open.png') });
             throw e;
           }
+        } finally {
           await page.keyboard.press('Escape');
+          await input.waitFor({ state: 'hidden', timeout: 5000 }).catch(() => {});
         }
       }
-      await input.fill(q);
-      await page.waitForTimeout(600);
-      result.search[q] = await page.evaluate(() => [...document.querySelectorAll('li.p-autocomplete-option')]
-        .slice(0, 10).map((e) => e.getAttribute('aria-label')));
-      await page.keyboard.press('Escape');
-      await page.waitForTimeout(150);
     }
     log(`search: ${job.search.length} queries`);
   }

@@ -43,6 +43,11 @@ PLAYWRIGHT = Path(os.environ.get("LINFUSION_DEV", REPO / ".dev")) / "browser" / 
 OUTPUT = Path(os.environ.get("LINFUSION_TEST_OUTPUT", REPO / "test-output")) / "browser"
 DRIVER = Path(__file__).with_name("browser_driver.mjs")
 
+# The driver runs once for the module (fixture `ui`): Chromium, 6 loads and 4 queued runs. On a
+# crowded 2-core machine that passed pyproject's 600 s per test (measured 10-20 minutes at a load
+# average of 20-36); the driver's own limit is 1500 s.
+pytestmark = pytest.mark.timeout(1800)
+
 QUEUED = "SD1.5 512 to 2K with LinFusion"  # its output images are measured in the page
 VIEWPORT = {"width": 1920, "height": 960}  # a maximized browser window on a 1920 x 1080 screen
 UI_LEFT, UI_TOP = 60, 90  # the side bar and the top bars (tabs, workflow name, Run) lie over the canvas there
