@@ -7,6 +7,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import comfy.model_management
@@ -190,7 +191,10 @@ class WeightsCache:
         self._entries: dict[str, tuple[tuple[int, int], LinFusionWeights]] = {}
         self.loads = 0  # how many times a file was actually read (tests count this)
 
-    def get(self, path: Path) -> LinFusionWeights:
+    def get(self, path: Path, check: Callable[[LinFusionWeights], None] | None = None) -> LinFusionWeights:
+        """The weights at `path`; `check(weights)` runs first on the cached entry or on the file's
+        header before any tensor is read (see load_weights), so refused weights are neither read
+        nor cached."""
         file = path / WEIGHTS_NAME if path.is_dir() else path
         key = str(path.resolve())
         try:
@@ -200,8 +204,10 @@ class WeightsCache:
             stamp = (-1, -1)
         hit = self._entries.get(key)
         if hit is not None and hit[0] == stamp:
+            if check is not None:
+                check(hit[1])
             return hit[1]
-        weights = load_weights(path)
+        weights = load_weights(path, check=check)
         self.loads += 1
         self._entries.pop(key, None)
         self._entries[key] = (stamp, weights)
