@@ -217,7 +217,8 @@ def _fetch(fam: Family, target: Path, work: Path, names: list[str], manual: str,
     for name, remote in remotes.items():
         try:
             _, sha256 = hub_download.fetch(remote.location, work / name, limit=size_limit(fam, name),
-                                           size=remote.size, check_interrupt=interrupt, progress=_progress_bar(name))
+                                           size=remote.size, check_interrupt=interrupt,
+                                           progress=_progress_bar(f"{fam.repo_id}/{name}"))
             hub_download.verify(work / name, remote, sha256)
         except hub_download.DiskFullError:
             raise
