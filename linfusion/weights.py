@@ -10,14 +10,17 @@ inferred from the tensor shapes.
 Only safetensors are read: pickled checkpoints (.ckpt, .pt, .pth, .bin) are refused unopened.
 Files are treated as untrusted: the header is checked (tensor count, layer count, widths)
 before any tensor is read or any per-layer work is done, and the values must be finite
-floating-point numbers.
+floating-point numbers. `load_weights(..., check=...)` also lets the caller compare the
+header's layers with its model before any tensor data is read.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,6 +67,11 @@ def module_shapes(spec: ModuleSpec) -> dict[str, tuple[int, ...]]:
 
 
 TENSORS_PER_MODULE = len(module_shapes(ModuleSpec("", 1, 1, 1)))
+
+
+def data_bytes(modules: list[ModuleSpec], itemsize: int = 2) -> int:
+    """Bytes of tensor data of weights for these layers (official files are float16)."""
+    return itemsize * sum(math.prod(s) for m in modules for s in module_shapes(m).values())
 
 
 @dataclass
@@ -192,10 +200,13 @@ def _damaged(path: Path, exc: Exception) -> LinFusionWeightsError:
     )
 
 
-def _read(path: Path, cfg_path: Path | None) -> tuple[list[ModuleSpec], dict[str, torch.Tensor], str]:
+def _read(path: Path, cfg_path: Path | None, check: Callable[[LinFusionWeights], None] | None = None,
+          tensors: bool = True) -> tuple[list[ModuleSpec], dict[str, torch.Tensor], str]:
     """(layers, state dict, description) of a safetensors file, checked before tensors are read:
     the header's tensor count and shapes against the config (metadata, config.json beside it, or
-    inferred), so that no hostile header costs more than reading its first 8 bytes."""
+    inferred), so that no hostile header costs more than reading its first 8 bytes. Then
+    `check(header)` (the layers, no tensors) may refuse it; only then are tensors read (none when
+    `tensors` is False)."""
     try:
         with open(path, "rb") as fh:
             head = fh.read(8)
@@ -223,6 +234,10 @@ def _read(path: Path, cfg_path: Path | None) -> tuple[list[ModuleSpec], dict[str
             raise _damaged(path, exc) from exc
         modules, where = _config(path, meta, cfg_path, shapes)
         _validate(modules, shapes, where)
+        if check is not None:
+            check(LinFusionWeights(modules, {}, source=str(path)))
+        if not tensors:
+            return modules, {}, where
         try:
             sd = {k: f.get_tensor(k) for k in keys}
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
@@ -291,13 +306,25 @@ def resolve_weights_path(path: str | os.PathLike) -> tuple[Path, Path | None]:
     return p, (c if c.is_file() else None)
 
 
-def load_weights(path: str | os.PathLike, dtype: torch.dtype | None = None) -> LinFusionWeights:
-    """Load and validate LinFusion weights from a folder or a .safetensors file."""
+def load_weights(path: str | os.PathLike, dtype: torch.dtype | None = None,
+                 check: Callable[[LinFusionWeights], None] | None = None) -> LinFusionWeights:
+    """Load and validate LinFusion weights from a folder or a .safetensors file.
+
+    `check(header)` runs on the header's layers (`state_dict` empty) before any tensor data is
+    read: raising there (e.g. `lambda w: plan_replacements(w, unet)`) refuses weights that do not
+    fit a model at the cost of reading the header alone."""
     file, cfg_path = resolve_weights_path(path)
-    modules, sd, _ = _read(file, cfg_path)
+    modules, sd, _ = _read(file, cfg_path, check)
     if dtype is not None:
         sd = {k: v.to(dtype) for k, v in sd.items()}
     return LinFusionWeights(modules, sd, source=str(file))
+
+
+def read_header(file: str | os.PathLike, cfg_path: str | os.PathLike | None) -> LinFusionWeights:
+    """The checked layers of a safetensors file (with this config.json, or its own metadata, or
+    inferred) without reading any tensor data: `state_dict` is empty."""
+    modules, _, _ = _read(Path(file), None if cfg_path is None else Path(cfg_path), tensors=False)
+    return LinFusionWeights(modules, {}, source=str(file))
 
 
 def save_weights(folder: str | os.PathLike, modules: list[ModuleSpec], state_dict: dict[str, torch.Tensor],

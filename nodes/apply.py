@@ -164,7 +164,7 @@ def apply_linfusion(model, weights_choice: str, softmax_max_tokens: int = 0):
             weights_store.download(fam, path)
     else:
         path = weights_store.resolve(weights_choice)
-    weights = weights_store.CACHE.get(path)
+    weights = weights_store.CACHE.get(path, check=lambda header: plan_replacements(header, unet))
     plan = plan_replacements(weights, unet)
 
     def build(patcher, loaded=None):

@@ -17,10 +17,11 @@ import tracemalloc
 import comfy.model_management
 import comfy.utils
 import helpers
+import huggingface_hub.constants
 import pytest
 import torch
 from helpers import apply, attn1_objects, put_weights
-from hub_standin import HubStandIn
+from hub_standin import HubStandIn, point_at, sd15_hub
 from safetensors.torch import save_file
 
 SD15_REPO = "Yuanshi/LinFusion-1-5"
@@ -201,16 +202,8 @@ def test_names_outside_the_list_are_refused_alike(pack, lf, sd15, linfusion_dir,
 # -- 'auto' download against the stand-in hub ---------------------------------------------------
 @pytest.fixture
 def hub(lf, sd15, linfusion_dir, monkeypatch, tmp_path):
-    """A stand-in hub serving SD1.5-family LinFusion weights sized for the small SD1.5 model."""
-    src = put_weights(lf, tmp_path / "hubfiles", "sd15", sd15, name="w")
-    with HubStandIn() as h:
-        for name in ("config.json", "diffusion_pytorch_model.safetensors"):
-            h.files[f"{SD15_REPO}/{name}"] = (src / name).read_bytes()
-        monkeypatch.setenv("HF_ENDPOINT", h.url)
-        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-        monkeypatch.setenv("LINFUSION_DOWNLOAD_TIMEOUT", "2")
+    with sd15_hub(lf, sd15, monkeypatch, tmp_path) as h:
         yield h
-    comfy.model_management.interrupt_current_processing(False)
 
 
 def _replaced(model) -> int:
@@ -238,7 +231,7 @@ def test_auto_downloads_beside_user_files_and_deletes_nothing(lf, node_classes, 
     for name in ("config.json", "diffusion_pytorch_model.safetensors"):
         assert (target / name).read_bytes() == hub.files[f"{SD15_REPO}/{name}"]
     assert _leftovers(linfusion_dir) == []
-    assert sorted(r.rsplit("/", 1)[1] for r in hub.requests) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    assert sorted(hub.served) == ["config.json", "diffusion_pytorch_model.safetensors"]
 
 
 def test_auto_into_a_symlinked_folder(lf, node_classes, sd15, linfusion_dir, hub, tmp_path):
@@ -256,7 +249,7 @@ def test_auto_fetches_only_the_missing_file(lf, node_classes, sd15, linfusion_di
     target.mkdir()
     (target / "config.json").write_bytes(hub.files[f"{SD15_REPO}/config.json"])
     apply(node_classes, sd15, "auto")
-    assert [r.rsplit("/", 1)[1] for r in hub.requests] == ["diffusion_pytorch_model.safetensors"]
+    assert hub.served == ["diffusion_pytorch_model.safetensors"]
 
 
 def test_connection_cut_half_way_leaves_nothing_and_the_next_run_works(lf, node_classes, sd15, linfusion_dir, hub):
@@ -281,7 +274,7 @@ def test_missing_file_on_the_hub(lf, node_classes, sd15, linfusion_dir, hub):
 
 
 def test_unreachable_hub_fails_at_once(lf, node_classes, sd15, linfusion_dir, hub, monkeypatch):
-    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: connection refused
+    point_at(monkeypatch, "http://127.0.0.1:9")  # discard port: connection refused
     t0 = time.monotonic()
     with pytest.raises(lf.LinFusionWeightsError, match=r"cannot connect .*Check the connection"):
         apply(node_classes, sd15, "auto")
@@ -291,9 +284,10 @@ def test_unreachable_hub_fails_at_once(lf, node_classes, sd15, linfusion_dir, hu
 
 def test_offline_switch_is_named_with_the_fix(lf, node_classes, sd15, linfusion_dir, hub, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # as read at import from that variable
     with pytest.raises(lf.LinFusionWeightsError, match=r"HF_HUB_OFFLINE=1 is set.*unset HF_HUB_OFFLINE"):
         apply(node_classes, sd15, "auto")
-    assert hub.requests == [] and list(linfusion_dir.iterdir()) == []
+    assert hub.log == [] and list(linfusion_dir.iterdir()) == []
 
 
 def test_stalled_connection_times_out(lf, node_classes, sd15, linfusion_dir, hub):
