@@ -178,10 +178,21 @@ def _weight_patches(patcher) -> tuple[dict, dict]:
     return patches, originals
 
 
-def _sample(t: torch.Tensor) -> torch.Tensor:
-    """Eight values spread over `t`, in float64 on the CPU (part of a change detector, not a checksum)."""
-    flat = t.detach().reshape(-1)
-    return flat[torch.linspace(0, flat.numel() - 1, 8, device=flat.device).long()].to("cpu", torch.float64)
+def _sampled_values(tensors) -> bytes:
+    """Eight values spread over each tensor, as bytes (part of a change detector, not a checksum):
+    gathered per device and dtype, so a UNet call pays a few copies to the CPU, not one per tensor."""
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for t in tensors:
+        if t.numel():
+            flat = t.detach().reshape(-1)
+            groups.setdefault((flat.device, flat.dtype), []).append(flat[::max(1, flat.numel() // 8)][:8])
+    return b"".join(torch.cat(v).to("cpu", torch.float64).numpy().tobytes() for v in groups.values())
+
+
+def _patch_identity(patch: tuple) -> tuple:
+    """A weight patch (strength, data, strength_model, offset, function) as a hashable tuple: its
+    numbers as they are, its data and function by identity."""
+    return tuple(e if isinstance(e, (int, float, str, type(None))) else id(e) for e in patch)
 
 
 def weights_key(unet: torch.nn.Module, patcher) -> tuple:
@@ -193,8 +204,8 @@ def weights_key(unet: torch.nn.Module, patcher) -> tuple:
     state = unet.state_dict()
     base = {k: originals.get(k, v) if k in patches else v for k, v in state.items()}
     layers = tuple((n, id(m)) for n, m in unet.named_modules() if isinstance(m, LinFusionAttention))
-    summary = tuple((k, tuple((p[0], id(p[1]), p[2], p[3], id(p[4])) for p in v)) for k, v in sorted(patches.items()))
-    values = torch.cat([_sample(v) for v in base.values() if v.numel()]).numpy().tobytes()
+    summary = tuple((k, tuple(_patch_identity(p) for p in v)) for k, v in sorted(patches.items()))
+    values = _sampled_values(base.values())
     shapes = tuple((k, tuple(v.shape), str(v.dtype)) for k, v in base.items())
     return id(unet), getattr(patcher, "patches_uuid", None), summary, layers, shapes, values
 
