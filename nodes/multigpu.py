@@ -1,14 +1,18 @@
 """LinFusion Multi-GPU: sample one image band-parallel across several devices (exact).
 
 The ComfyUI process is rank 0; one spawned worker process per extra device holds a copy of
-the UNet (LinFusion layers and patched weights included) and runs its band of every UNet
-call in step with rank 0 (linfusion/parallel.py). The group is started by the first UNet call
+the UNet (LinFusion layers included, and the weights with every patch of the sampling
+ModelPatcher applied, e.g. a LoRA, however ComfyUI loaded them) and runs its band of every UNet
+call in step with rank 0 (linfusion/parallel.py). A model without LinFusion runs exactly too:
+its softmax self-attention gathers every band's tokens (no speed-up there). The group meets at a
+TCP store on the loopback interface (no file anywhere). It is started by the first UNet call
 and closed (workers stopped, process group destroyed) when:
 - the model is unloaded (ComfyUI's ON_DETACH callback with unpatch_all: /free with
   unload_models, or ComfyUI making room on the device), or every ModelPatcher carrying the
   node's wrapper is garbage collected (weakref.finalize; clones are tracked through ON_CLONE);
-- another device list or timeout is asked for, a worker fails, or the server exits (atexit;
-  a worker also leaves by itself when its parent process is gone, e.g. after SIGTERM).
+- another device list or timeout is asked for, a worker fails, the prompt is cancelled (rank 0
+  stops waiting on the workers within CANCEL_POLL_S), or the server exits (atexit; a worker
+  also leaves by itself when its parent process is gone, e.g. after SIGTERM).
 The next UNet call starts a new group.
 """
 
@@ -17,16 +21,22 @@ from __future__ import annotations
 import atexit
 import contextlib
 import logging
+import math
 import queue
-import shutil
 import sys
-import tempfile
+import threading
 import time
 import weakref
 from collections import Counter
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
+import comfy.float
+import comfy.lora
+import comfy.model_management
+import comfy.model_patcher
+import comfy.utils
 import torch
 import torch.distributed as dist
 from comfy.patcher_extension import CallbacksMP, WrappersMP
@@ -49,27 +59,74 @@ PACK_ROOT = Path(__file__).resolve().parents[1]
 WRAPPER_KEY = "linfusion_multigpu"
 
 
-def parse_devices(text: str) -> list[torch.device]:
-    """'all' (every CUDA device) or a comma-separated list like 'cuda:0,cuda:1' ('cpu,cpu' for tests)."""
+# CPU ranks are a testing mode (one machine's cores shared by processes that each hold a copy of
+# the UNet): a CPU may be listed again, up to this many ranks in all.
+MAX_CPU_RANKS = 4
+MAX_DEVICES_CHARS = 1000
+TIMEOUT_RANGE_S = (5, 3600)
+
+
+def _echo(text: str, limit: int = 60) -> str:
+    """`text` for an error message: quoted, cut to `limit` characters with its length named."""
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} characters)"
+
+
+def parse_devices(text) -> list[torch.device]:
+    """'all' (every CUDA device) or a comma-separated list like 'cuda:0,cuda:1' ('cpu,cpu' for tests).
+
+    Each CUDA device at most once and only devices this machine has; cpu (a testing mode) up to
+    MAX_CPU_RANKS times. Any other input: ValueError with a one-line message."""
+    fix = "write e.g. 'all' or 'cuda:0,cuda:1'"
+    if not isinstance(text, str):
+        raise ValueError(f"LinFusion Multi-GPU: devices is a {type(text).__name__}, not text; {fix}")
+    if len(text) > MAX_DEVICES_CHARS:
+        raise ValueError(f"LinFusion Multi-GPU: devices {_echo(text)} is longer than {MAX_DEVICES_CHARS} characters; "
+                         f"{fix}")
     text = text.strip().lower()
+    n_cuda = torch.cuda.device_count()
     if text == "all":
-        n = torch.cuda.device_count()
-        return [torch.device("cuda", i) for i in range(n)] or [torch.device("cpu")]
+        return [torch.device("cuda", i) for i in range(n_cuda)] or [torch.device("cpu")]
     out = []
     for part in filter(None, (p.strip() for p in text.split(","))):
         try:
-            out.append(torch.device(part))
-        except RuntimeError as e:
-            raise ValueError(f"LinFusion Multi-GPU: devices entry {part!r} is not a device ({e}); "
-                             "write e.g. 'all' or 'cuda:0,cuda:1'") from None
+            dev = torch.device(part)
+        except RuntimeError:
+            raise ValueError(f"LinFusion Multi-GPU: devices entry {_echo(part)} is not a device; {fix}") from None
+        if dev.type not in ("cpu", "cuda"):
+            raise ValueError(f"LinFusion Multi-GPU: devices entry {_echo(part)} is a {dev.type} device; only CUDA "
+                             f"GPUs (and cpu, for tests) can run band-parallel; {fix}")
+        if dev.type == "cuda":
+            if dev.index is None:
+                dev = torch.device("cuda", torch.cuda.current_device() if n_cuda else 0)
+            if dev.index >= n_cuda:
+                have = f"cuda:0 to cuda:{n_cuda - 1}" if n_cuda else "no CUDA device"
+                raise ValueError(f"LinFusion Multi-GPU: devices entry {_echo(part)} does not exist: this machine has "
+                                 f"{have}; list only those, or write 'all'")
+        out.append(dev)
     if not out:
-        raise ValueError(f"LinFusion Multi-GPU: devices {text!r} names no device; write e.g. 'all' or 'cuda:0,cuda:1'")
+        raise ValueError(f"LinFusion Multi-GPU: devices {_echo(text)} names no device; {fix}")
     kinds = {d.type for d in out}
     if len(kinds) > 1:
-        raise ValueError(f"LinFusion Multi-GPU: devices {text!r} mix {sorted(kinds)}; use one kind")
-    if "cuda" in kinds and len({d.index for d in out}) != len(out):
-        raise ValueError(f"LinFusion Multi-GPU: devices {text!r} repeat a GPU; list each once")
+        raise ValueError(f"LinFusion Multi-GPU: devices {_echo(text)} mix {sorted(kinds)}; use one kind")
+    if "cuda" in kinds and len(set(out)) != len(out):
+        raise ValueError(f"LinFusion Multi-GPU: devices {_echo(text)} repeat a GPU; list each once (one worker "
+                         "per GPU)")
+    if "cpu" in kinds and len(out) > MAX_CPU_RANKS:
+        raise ValueError(f"LinFusion Multi-GPU: devices lists cpu {len(out)} times; CPU ranks are a testing mode "
+                         f"(each a process holding a copy of the UNet): list it at most {MAX_CPU_RANKS} times")
     return out
+
+
+def check_timeout(value) -> float:
+    """timeout_s as seconds, also when linked from another node (ComfyUI checks a widget's range
+    only for typed-in values): a number in TIMEOUT_RANGE_S, else ValueError."""
+    lo, hi = TIMEOUT_RANGE_S
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and lo <= value <= hi
+    if not ok:
+        shown = _echo(str(value), 30)
+        raise ValueError(f"LinFusion Multi-GPU: timeout_s {shown} is not a number of seconds from {lo} to {hi}; "
+                         "give e.g. 300")
+    return float(value)
 
 
 def _serve_target():
@@ -108,51 +165,176 @@ def _cpu(control: dict) -> dict:
             for k, v in control.items()}
 
 
+CANCEL_POLL_S = 0.2  # how often rank 0 looks at ComfyUI's interrupt flag while it waits on the workers
+UNET_PREFIX = "diffusion_model."  # the UNet's weight keys in a ModelPatcher's patches and backups
+
+
+def _weight_patches(patcher) -> tuple[dict, dict]:
+    """(patches, unpatched weights) of the UNet's keys in `patcher` (None: no patcher): its weight
+    patches (LoRA and the like) by UNet state-dict key, and the original weights of the keys whose
+    live tensor holds a patch (ModelPatcher.backup: patch_weight_to_device records the original
+    there before it writes the patched weight)."""
+    if patcher is None:
+        return {}, {}
+    n = len(UNET_PREFIX)
+    patches = {k[n:]: v for k, v in patcher.patches.items() if k.startswith(UNET_PREFIX) and v}
+    originals = {k[n:]: b.weight for k, b in patcher.backup.items() if k.startswith(UNET_PREFIX)}
+    return patches, originals
+
+
+def _sampled_values(tensors) -> bytes:
+    """Eight values spread over each tensor, as bytes (part of a change detector, not a checksum):
+    gathered per device and dtype, so a UNet call pays a few copies to the CPU, not one per tensor."""
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for t in tensors:
+        if t.numel():
+            flat = t.detach().reshape(-1)
+            groups.setdefault((flat.device, flat.dtype), []).append(flat[::max(1, flat.numel() // 8)][:8])
+    return b"".join(torch.cat(v).to("cpu", torch.float64).numpy().tobytes() for v in groups.values())
+
+
+def _patch_identity(patch: tuple) -> tuple:
+    """A weight patch (strength, data, strength_model, offset, function) as a hashable tuple: its
+    numbers as they are, its data and function by identity."""
+    return tuple(e if isinstance(e, (int, float, str, type(None))) else id(e) for e in patch)
+
+
+def weights_key(unet: torch.nn.Module, patcher) -> tuple:
+    """What the workers' copy of the UNet depends on: the UNet object, its LinFusion layers, the
+    patcher's weight patches (their set's uuid, and each patch's strengths and data identity) and
+    values sampled from every unpatched weight; it changes when any of them does (a LoRA added,
+    changed or removed, other LinFusion weights, another model)."""
+    patches, originals = _weight_patches(patcher)
+    state = unet.state_dict()
+    base = {k: originals.get(k, v) if k in patches else v for k, v in state.items()}
+    layers = tuple((n, id(m)) for n, m in unet.named_modules() if isinstance(m, LinFusionAttention))
+    summary = tuple((k, tuple(_patch_identity(p) for p in v)) for k, v in sorted(patches.items()))
+    values = _sampled_values(base.values())
+    shapes = tuple((k, tuple(v.shape), str(v.dtype)) for k, v in base.items())
+    return id(unet), getattr(patcher, "patches_uuid", None), summary, layers, shapes, values
+
+
+def effective_weights(unet: torch.nn.Module, patcher) -> dict[str, torch.Tensor]:
+    """The UNet's state dict as ComfyUI computes with it, on the CPU: every weight patch applied.
+
+    A fully loaded model holds its patches in its tensors; a partially loaded one (legacy low-VRAM
+    loads: LowVramPatch in a layer's weight_function) or a Dynamic VRAM one (newer ComfyUI: the
+    patch applied in each op's cast) holds the original, and the patch lives only in the cast. So
+    each patched key is computed here from the original weight as ModelPatcher.patch_weight_to_device
+    computes it (float32 copy on the load device, comfy.lora.calculate_weight, rounded to the
+    weight's dtype), whatever the load did; the layer's per-op weight wrappers follow."""
+    patches, originals = _weight_patches(patcher)
+    state = unet.state_dict()
+    unknown = sorted(set(patches) - set(state))
+    if unknown:
+        raise BandParallelError(f"LinFusion Multi-GPU: {len(unknown)} weight patches name no UNet weight (e.g. "
+                                f"{unknown[0]!r}); remove the node adding them, or the Multi-GPU node")
+    seed = getattr(comfy.utils, "string_to_seed", None) or comfy.model_patcher.string_to_seed
+    wrappers = {k[len(UNET_PREFIX):]: v for k, v in getattr(patcher, "weight_wrapper_patches", {}).items()
+                if k.startswith(UNET_PREFIX)}
+    out = {}
+    for k, v in state.items():
+        if k in patches:
+            original = originals.get(k, v)
+            key = UNET_PREFIX + k
+            w = original.detach().to(patcher.load_device, torch.float32, copy=True)
+            w = comfy.lora.calculate_weight(patches[k], w, key)
+            v = comfy.float.stochastic_rounding(w, original.dtype, seed=seed(key))
+        for f in wrappers.get(k, ()):
+            v = f(v)
+        out[k] = v.detach().to("cpu", copy=True)
+    return out
+
+
 class BandGroup:
-    """Rank 0's side of a persistent group: the worker processes and the process group."""
+    """Rank 0's side of a persistent group: the worker processes and the process group.
+
+    The group meets at a TCP store that rank 0 serves on the loopback interface (no file in the
+    temporary folder, so no exit of the server can leave one behind)."""
 
     def __init__(self, devices: list[torch.device], timeout_s: float) -> None:
         self.devices, self.timeout_s = devices, timeout_s
         self.world = len(devices)
         self.backend = "nccl" if devices[0].type == "cuda" else "gloo"
+        self.cancelled = False
+        self.loaded: tuple | None = None
+        self.busy = False  # inside a UNet call: a release then waits for its end
+        self.close_reason: str | None = None
+        timeout = timedelta(seconds=timeout_s)
+        # port 0: the system picks a free port. multi_tenant: rank 0's own rendezvous below (the same
+        # "tcp://" address the workers get) shares this server instead of starting a second one.
+        self.store = dist.TCPStore("127.0.0.1", 0, self.world, is_master=True, timeout=timeout,
+                                   wait_for_workers=False, multi_tenant=True)
+        init_method = f"tcp://127.0.0.1:{self.store.port}"
         ctx = torch.multiprocessing.get_context("spawn")
         self.replies = ctx.Queue()
         self.requests = [ctx.Queue() for _ in devices[1:]]
-        self.store_dir = Path(tempfile.mkdtemp(prefix="linfusion-band-"))
-        store = self.store_dir / "store"
         target = _serve_target()
         self.procs = [ctx.Process(target=target, daemon=True, name=f"linfusion-band-rank{r}",
-                                  args=(r, self.world, f"file://{store}", self.backend, timeout_s, str(devices[r]),
+                                  args=(r, self.world, init_method, self.backend, timeout_s, str(devices[r]),
                                         str(Path(__file__).with_name("multigpu_worker.py")), self.requests[r - 1],
                                         self.replies))
                       for r in range(1, self.world)]
         with _main_module_hidden():
             for p in self.procs:
                 p.start()
-        self.loaded: tuple | None = None
-        self.busy = False  # inside a UNet call: a release then waits for its end
-        self.close_reason: str | None = None
         self.pids = [p.pid for p in self.procs]
         # each worker reports before joining the group: one that dies while starting fails here
         # at once, instead of after the group's timeout
         self._await("its start (its traceback is in the log above)")
         try:
-            dist.init_process_group(self.backend, init_method=f"file://{store}", rank=0, world_size=self.world,
-                                    timeout=timedelta(seconds=timeout_s))
+            with self._stopped_on_cancel():
+                dist.init_process_group(self.backend, init_method=init_method, rank=0, world_size=self.world,
+                                        timeout=timeout)
         except BaseException:
+            self._raise_if_cancelled()
             self.close("the process group did not form")
             raise
         log.info("LinFusion Multi-GPU: %d ranks on %s (%s); worker pids %s", self.world, ", ".join(map(str, devices)),
                  self.backend, ", ".join(map(str, self.pids)))
 
+    def _raise_if_cancelled(self) -> None:
+        """Cancel (ComfyUI's interrupt) was pressed while rank 0 waited on the workers: close the group
+        and end the prompt as ComfyUI's own interrupt does."""
+        if self.cancelled or comfy.model_management.processing_interrupted():
+            self.close("the prompt was cancelled")
+            comfy.model_management.throw_exception_if_processing_interrupted()  # raises, and clears the flag
+            raise comfy.model_management.InterruptProcessingException()
+
+    @contextlib.contextmanager
+    def _stopped_on_cancel(self) -> Iterator[None]:
+        """While rank 0 may wait inside a collective (whose own timeout can be an hour): Cancel kills
+        the workers within CANCEL_POLL_S, so that the wait fails at once (a dead peer closes its
+        connections) instead of at the timeout, also when a worker stopped answering."""
+        done = threading.Event()
+
+        def watch() -> None:
+            while not done.wait(CANCEL_POLL_S):
+                if comfy.model_management.processing_interrupted():
+                    self.cancelled = True
+                    for p in self.procs:
+                        with contextlib.suppress(Exception):
+                            p.kill()
+                    return
+
+        watcher = threading.Thread(target=watch, name="linfusion-band-cancel", daemon=True)
+        watcher.start()
+        try:
+            yield
+        finally:
+            done.set()
+            watcher.join()
+
     def _await(self, what: str) -> None:
-        """One reply per worker, or a clear error naming the rank that died or failed."""
+        """One reply per worker, or a clear error naming the rank that died or failed (Cancel: the
+        prompt ends as interrupted)."""
         pending = set(range(1, self.world))
         deadline = time.monotonic() + self.timeout_s
         while pending:
             try:
-                status, rank, text = self.replies.get(timeout=0.5)
+                status, rank, text = self.replies.get(timeout=CANCEL_POLL_S)
             except queue.Empty:
+                self._raise_if_cancelled()
                 dead = [r for r in pending if not self.procs[r - 1].is_alive()]
                 if dead or time.monotonic() > deadline:
                     self.close("a worker failed")
@@ -165,23 +347,25 @@ class BandGroup:
                 raise RuntimeError(f"LinFusion Multi-GPU: worker rank {rank} failed during {what}:\n{text}")
             pending.discard(rank)
 
-    def load(self, unet: torch.nn.Module, config: dict) -> None:
-        """Send the UNet (config, LinFusion layers, current weights) to every worker, if it changed."""
-        params = list(unet.parameters())
-        key = (id(unet), float(torch.stack([p.detach().reshape(-1)[0].double().cpu() for p in params]).sum()))
+    def load(self, unet: torch.nn.Module, config: dict, patcher) -> None:
+        """Send the UNet (config, LinFusion layers, the weights ComfyUI computes with) to every
+        worker, if any of them changed since the last load."""
+        key = weights_key(unet, patcher)
         if self.loaded == key:
             return
         layers = [(n, m.dim, m.heads, m.mid_dim, m.softmax_max_tokens if m.softmax_attn is not None else 0)
                   for n, m in unet.named_modules() if isinstance(m, LinFusionAttention)]
-        state = {k: v.detach().to("cpu", copy=True) for k, v in unet.state_dict().items()}
-        payload = {"pack_root": str(PACK_ROOT), "unet_config": config, "layers": layers, "state": state}
+        payload = {"pack_root": str(PACK_ROOT), "unet_config": config, "layers": layers,
+                   "state": effective_weights(unet, patcher)}
         for q in self.requests:
             q.put(("load", payload))
         self._await("loading the UNet")
         self.loaded = key
 
-    def forward(self, executor, config: dict, x, timesteps, context, y, control, transformer_options, **kwargs):
-        """One UNet call split into bands; the full output on rank 0."""
+    def forward(self, executor, config: dict, patcher, x, timesteps, context, y, control, transformer_options,
+                **kwargs):
+        """One UNet call split into bands; the full output on rank 0. `patcher`: the ModelPatcher
+        sampling (its weight patches, e.g. LoRA, are applied to the weights the workers get)."""
         patches = {k: sorted(v) for k, v in transformer_options.items() if k in ("patches", "patches_replace") and v}
         if patches:
             raise BandParallelError(f"LinFusion Multi-GPU: the model carries patches ({patches}) "
@@ -197,7 +381,7 @@ class BandGroup:
         bands = split_rows(x.shape[-2], self.world)
         # ControlNet / T2I-Adapter residuals: each rank gets the rows of its band at every level
         controls = [split_control(control, bands, r) for r in range(self.world)]
-        self.load(unet, config)
+        self.load(unet, config, patcher)
         extra = {} if y is None else {"y": y.cpu()}
         convs = conv_settings(unet)  # DemoFusion's dilated branch changes them on rank 0's UNet
         for r, q in enumerate(self.requests, 1):
@@ -205,16 +389,19 @@ class BandGroup:
             q.put(("forward", x.cpu(), (timesteps.cpu(), context.cpu()), kw, convs))
         self.busy = True
         try:
-            with band_parallel(unet, timeout_s=self.timeout_s) as bp:
+            with self._stopped_on_cancel(), band_parallel(unet, timeout_s=self.timeout_s) as bp:
                 out = bp.forward(lambda xb: executor(xb, timesteps, context, y, controls[0], transformer_options,
                                                      **kwargs), x)
         except BaseException as e:
+            if self.cancelled:
+                self._raise_if_cancelled()
             failure = self._failure(e)
             if failure is e:
                 raise
             raise failure from e
         finally:
             self.busy = False
+        self._raise_if_cancelled()
         self._await("a UNet call")
         if self.close_reason is not None:
             self.close(self.close_reason)
@@ -255,7 +442,7 @@ class BandGroup:
         for q in [*self.requests, self.replies]:
             q.cancel_join_thread()  # never block on a message no one will read
             q.close()
-        shutil.rmtree(self.store_dir, ignore_errors=True)
+        self.store = None  # rank 0's TCP store server stops with its last reference
         global _GROUP
         if _GROUP is self:
             _GROUP = None
@@ -331,8 +518,12 @@ CALLS: Counter[str] = Counter()
 _warned: set[str] = set()
 
 
-def multigpu_wrapper(devices: list[torch.device], timeout_s: float, config: dict):
-    """DIFFUSION_MODEL wrapper: UNet calls whose latent splits into bands run band-parallel."""
+def multigpu_wrapper(devices: list[torch.device], timeout_s: float, config: dict, base_model):
+    """DIFFUSION_MODEL wrapper: UNet calls whose latent splits into bands run band-parallel.
+    `base_model`: the BaseModel every clone of the node's model shares; its current_patcher (set
+    by ComfyUI for the sampling run) holds the weight patches of the clone sampling, e.g. a LoRA
+    loaded after this node."""
+    base = weakref.ref(base_model)
     levels = len(config.get("channel_mult", (1, 2, 4, 4))) - 1
 
     def wrapper(executor, x, timesteps, context, y=None, control=None, transformer_options={}, **kwargs):  # noqa: B006
@@ -348,7 +539,9 @@ def multigpu_wrapper(devices: list[torch.device], timeout_s: float, config: dict
                             x.shape[-1], why)
             return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
         CALLS["band"] += 1
-        return group_for(devices, timeout_s).forward(executor, config, x, timesteps, context, y, control,
+        model = base()
+        patcher = getattr(model, "current_patcher", None) if model is not None else None
+        return group_for(devices, timeout_s).forward(executor, config, patcher, x, timesteps, context, y, control,
                                                     transformer_options, **kwargs)
     return wrapper
 
@@ -382,12 +575,13 @@ class LinFusionMultiGPU(io.ComfyNode):
     @classmethod
     def execute(cls, model, devices: str, timeout_s: int) -> io.NodeOutput:
         devs = parse_devices(devices)
+        timeout = check_timeout(timeout_s)
         if len(devs) < 2:
             log.info("LinFusion Multi-GPU: one device (%s): the model runs unchanged", devs[0])
             return io.NodeOutput(model)
         m = model.clone()
         config = dict(m.model.model_config.unet_config)
-        wrapper = multigpu_wrapper(devs, float(timeout_s), config)
+        wrapper = multigpu_wrapper(devs, timeout, config, m.model)
         m.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, wrapper)
         m.add_callback_with_key(CallbacksMP.ON_DETACH, WRAPPER_KEY, _on_detach)
         m.add_callback_with_key(CallbacksMP.ON_CLONE, WRAPPER_KEY, _on_clone)

@@ -24,8 +24,12 @@ def build_unet(payload: dict, device: torch.device) -> torch.nn.Module:
 
     import linfusion
 
+    # device by keyword (UNetModel(..., device=None, operations=ops) in ComfyUI 0.3.52 to 0.38): the
+    # layers are built on the meta device, without memory, whatever a ComfyUI does with the default
+    # device; the LinFusion layers below take it from the context.
+    config = {k: v for k, v in payload["unet_config"].items() if k not in ("device", "operations")}
     with torch.device("meta"):
-        unet = UNetModel(**payload["unet_config"], operations=comfy.ops.disable_weight_init)
+        unet = UNetModel(**config, device=torch.device("meta"), operations=comfy.ops.disable_weight_init)
         for path, dim, heads, mid, softmax_max_tokens in payload["layers"]:
             layer = linfusion.LinFusionAttention(dim, heads, mid)
             if softmax_max_tokens:

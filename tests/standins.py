@@ -114,13 +114,14 @@ def controlnet_layout() -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     return layout
 
 
-def lora_tensors(seed: int = 0) -> dict[str, torch.Tensor]:
+def lora_tensors(seed: int = 0, channels: int | None = None) -> dict[str, torch.Tensor]:
     """Kohya LoRA for SD1.5: every attn1/attn2 projection of the UNet and every text-encoder
-    attention projection, rank 4, small random up/down matrices, alpha = rank."""
+    attention projection, rank 4, small random up/down matrices, alpha = rank. `channels`: for
+    the small SD1.5 layout of that width (helpers.base_model), instead of the full size."""
     import comfy.utils
     import helpers
 
-    model = helpers.base_model("sd15", meta=True)
+    model = helpers.base_model("sd15", channels, meta=True)
     unet_sd = model.diffusion_model.state_dict()
     g = torch.Generator().manual_seed(seed)
     out: dict[str, torch.Tensor] = {}

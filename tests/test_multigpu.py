@@ -5,11 +5,17 @@ single-device latent."""
 from __future__ import annotations
 
 import gc
+import importlib
 import logging
 import multiprocessing
+import os
+import signal
+import threading
+import time
 from collections.abc import Callable
 
 import comfy.model_management
+import comfy.model_patcher
 import comfy.sample
 import helpers
 import pytest
@@ -26,15 +32,57 @@ def multigpu(pack):
         mod._GROUP.close()
 
 
-def test_parse_devices_and_clear_errors(multigpu):
+def test_parse_devices_and_clear_errors(multigpu, monkeypatch):
     assert multigpu.parse_devices("cpu, cpu") == [torch.device("cpu")] * 2
+    assert multigpu.parse_devices("cpu,cpu,cpu,cpu") == [torch.device("cpu")] * 4
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)  # a machine with two GPUs
     assert multigpu.parse_devices("cuda:0,cuda:1") == [torch.device("cuda", 0), torch.device("cuda", 1)]
+    assert multigpu.parse_devices("all") == [torch.device("cuda", 0), torch.device("cuda", 1)]
     with pytest.raises(ValueError, match="'gpu0' is not a device"):
         multigpu.parse_devices("cuda:0,gpu0")
     with pytest.raises(ValueError, match="repeat a GPU"):
         multigpu.parse_devices("cuda:0,cuda:0")
     with pytest.raises(ValueError, match="names no device"):
         multigpu.parse_devices(" , ")
+    # no more workers than devices that exist, one per GPU, a bounded number of CPU ranks
+    with pytest.raises(ValueError, match=r"'cuda:2' does not exist: this machine has cuda:0 to cuda:1"):
+        multigpu.parse_devices("cuda:0,cuda:2")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(ValueError, match=r"'cuda:99' does not exist: this machine has no CUDA device"):
+        multigpu.parse_devices("cuda:99")
+    with pytest.raises(ValueError, match="lists cpu 100 times; .* at most 4 times"):
+        multigpu.parse_devices("cpu," * 100)
+    with pytest.raises(ValueError, match="'meta' is a meta device; only CUDA GPUs"):
+        multigpu.parse_devices("meta,meta")
+    with pytest.raises(ValueError, match="devices is a int, not text"):
+        multigpu.parse_devices(12)
+    # a huge string is named by its start and length, not echoed
+    with pytest.raises(ValueError, match=r"\(100000 characters\) is longer than 1000 characters") as e:
+        multigpu.parse_devices("cuda:0," * 14285 + "cuda:")
+    assert len(str(e.value)) < 250
+    with pytest.raises(ValueError) as e:
+        multigpu.parse_devices("x" * 999)
+    assert len(str(e.value)) < 250
+
+
+@pytest.mark.parametrize("timeout", [10**12, 0, -5, 4, 3601, float("nan"), float("inf"), True, "300", None])
+def test_timeout_is_checked_also_when_linked(node_classes, sd15, multigpu, timeout):
+    """ComfyUI checks a widget's min/max only for typed-in values: a timeout_s linked from a
+    primitive node reaches execute as it is, and must be refused there (10^12 would make Cancel
+    wait forever on a stopped worker; 0 and negatives failed as "timed out during start")."""
+    for devices in ("cpu,cpu", "cpu"):
+        with pytest.raises(ValueError, match="timeout_s .* is not a number of seconds from 5 to 3600; give e.g. 300"):
+            node_classes["LinFusionMultiGPU"].execute(sd15, devices, timeout)
+    assert multigpu._GROUP is None and not multiprocessing.active_children()
+
+
+def test_devices_are_checked_before_anything_starts(node_classes, sd15, multigpu):
+    with pytest.raises(ValueError, match="at most 4 times"):
+        node_classes["LinFusionMultiGPU"].execute(sd15, "cpu," * 100, 60)
+    if torch.cuda.device_count() < 100:  # one device: the model would have run "unchanged" elsewhere
+        with pytest.raises(ValueError, match="'cuda:99' does not exist"):
+            node_classes["LinFusionMultiGPU"].execute(sd15, "cuda:99", 60)
+    assert multigpu._GROUP is None and not multiprocessing.active_children()
 
 
 def test_one_device_is_a_no_op(node_classes, sd15):
@@ -225,3 +273,116 @@ def test_controlnet_residuals_run_band_parallel(lf, node_classes, sd15, linfusio
     assert (single - plain).abs().max().item() > 0.1  # the ControlNet changes the result
     err = (banded - single).abs().max().item()
     assert err < 1e-4, err  # measured 8.7e-6 on latents up to 19 (the ControlNet moves them by 8.3)
+
+
+def test_cancel_ends_a_run_whose_worker_stopped_answering(lf, node_classes, sd15, linfusion_dir, multigpu):
+    """A worker that stopped (SIGSTOP: alive, silent) leaves rank 0 waiting in a collective whose
+    own timeout may be an hour: Cancel (ComfyUI's interrupt flag, what the server's /interrupt
+    sets) ends the run within seconds as an interrupt, closes the group, and the next run starts
+    a new one with the same result."""
+    put_weights(lf, linfusion_dir, "sd15", sd15)
+    out = node_classes["LinFusionMultiGPU"].execute(apply(node_classes, sd15, "auto"), "cpu,cpu", 120)
+    banded_model = out.result[0] if hasattr(out, "result") else out[0]
+    first = highres_stage(banded_model, 1.0)
+    (pid,) = multigpu._GROUP.pids
+    os.kill(pid, signal.SIGSTOP)
+    cancel = threading.Timer(1.0, comfy.model_management.interrupt_current_processing)
+    t0 = time.monotonic()
+    cancel.start()
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            highres_stage(banded_model, 1.0)
+        took = time.monotonic() - t0
+    finally:
+        cancel.cancel()
+        comfy.model_management.interrupt_current_processing(False)
+        if not _gone(pid):
+            os.kill(pid, signal.SIGCONT)
+    assert took < 8, took  # Cancel at 1 s; the collective's timeout is 120 s
+    assert not comfy.model_management.processing_interrupted()  # consumed, as ComfyUI's own check does
+    assert multigpu._GROUP is None and not dist.is_initialized() and _gone(pid)
+    again = highres_stage(banded_model, 1.0)
+    assert multigpu._GROUP is not None and multigpu._GROUP.pids != [pid]
+    assert (again - first).abs().max().item() < 1e-6
+
+
+def lora_clone(model, strength: float, seed: int = 2):
+    """A clone of `model` with a Kohya-format LoRA for the small SD1.5 layout, loaded by ComfyUI's
+    own loader (comfy.sd.load_lora_for_models, as LoraLoaderModelOnly)."""
+    import comfy.sd
+    import standins
+
+    out, _ = comfy.sd.load_lora_for_models(model, None, standins.lora_tensors(seed, channels=32), strength, 0.0)
+    return out
+
+
+def test_workers_compute_with_the_models_weight_patches(lf, node_classes, sd15, linfusion_dir, multigpu,
+                                                        monkeypatch):
+    """A LoRA loaded after the Multi-GPU node: the workers get the patched weights, in a full load
+    (the patch written into the weights) and in a partial one, where the weights keep their
+    original values and the patch lives in each layer's per-op cast. Upstream
+    comfy/model_patcher.py: ModelPatcher.load (legacy low-VRAM: lowvram layers get
+    `weight_function = [LowVramPatch(...)]`, their weights left unpatched; the layers that fit
+    are patched by patch_weight_to_device with a backup of the original) and, in 0.38,
+    ModelPatcherDynamic.load (`weight_lowvram_function = LowVramPatch(...)`, small layers
+    force-loaded with a backup): emulated here by loading with lowvram_model_memory = half the
+    model, on the CPU. Removing or changing the LoRA reloads the workers."""
+    put_weights(lf, linfusion_dir, "sd15", sd15)
+    model = apply(node_classes, sd15, "auto")
+    out = node_classes["LinFusionMultiGPU"].execute(model, "cpu,cpu", 60)
+    banded_model = out.result[0] if hasattr(out, "result") else out[0]
+    plain = highres_stage(model, 1.0)
+    with_lora = {s: highres_stage(lora_clone(model, s), 1.0) for s in (3.0, -2.0)}
+    assert min((v - plain).abs().max().item() for v in with_lora.values()) > 0.05  # the LoRA matters
+    errs = {"full 3": (highres_stage(lora_clone(banded_model, 3.0), 1.0) - with_lora[3.0]).abs().max().item()}
+    errs["removed"] = (highres_stage(banded_model, 1.0) - plain).abs().max().item()
+
+    load = comfy.model_patcher.ModelPatcher.load
+    half = comfy.model_management.module_size(sd15.model) // 2
+    seen = {}
+
+    def partial_load(self, device_to=None, lowvram_model_memory=0, force_patch_weights=False, full_load=False):
+        load(self, device_to, lowvram_model_memory=half, force_patch_weights=False, full_load=False)
+        unet = self.model.diffusion_model
+        lowvram = [m for m in unet.modules() if getattr(m, "weight_function", None)]
+        seen["lowvram layers"] = len(lowvram)
+        seen["patched in place"] = sum(k.startswith("diffusion_model.") for k in self.backup)
+
+    monkeypatch.setattr(comfy.model_patcher.ModelPatcher, "load", partial_load)
+    comfy.model_management.unload_all_models()  # the next load is a partial one
+    for strength in (-2.0, 3.0):
+        got = highres_stage(lora_clone(banded_model, strength), 1.0)
+        errs[f"partial {strength:g}"] = (got - with_lora[strength]).abs().max().item()
+    assert seen["lowvram layers"] > 10 and seen["patched in place"] > 10, seen  # both kinds of layers
+    assert multigpu._GROUP.world == 2
+    assert max(errs.values()) < 1e-4, errs
+
+
+def test_worker_builds_the_unet_on_the_meta_device_by_keyword(pack, sd15, monkeypatch):
+    """The worker passes device= by keyword: UNetModel(..., attn_precision=None, device=None,
+    operations=ops) in comfy/ldm/modules/diffusionmodules/openaimodel.py of ComfyUI 0.3.52,
+    0.3.64 and 0.3.75 alike; a release that gave the layers another default device would
+    otherwise allocate the whole UNet there before the weights are assigned. The copy it builds
+    computes exactly as the model."""
+    import comfy.ldm.modules.diffusionmodules.openaimodel as openaimodel
+
+    devices = []
+
+    class Recorded(openaimodel.UNetModel):
+        def __init__(self, *args, **kwargs):
+            devices.append(kwargs.get("device"))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(openaimodel, "UNetModel", Recorded)
+    unet = sd15.model.diffusion_model
+    payload = {"pack_root": str(pack.nodes.multigpu.PACK_ROOT), "layers": [],
+               "unet_config": dict(sd15.model.model_config.unet_config),
+               "state": {k: v.clone() for k, v in unet.state_dict().items()}}
+    worker = importlib.import_module(".nodes.multigpu_worker", pack.__name__)  # the file the worker loads
+    built = worker.build_unet(payload, torch.device("cpu"))
+    assert devices == [torch.device("meta")]
+    g = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(1, 4, 16, 16, generator=g), torch.randn(1, 77, 768, generator=g)
+    t = torch.tensor([500.0])
+    with torch.no_grad():
+        assert torch.equal(built(x, t, ctx), unet(x, t, ctx))

@@ -54,7 +54,9 @@ def wait_until(cond, timeout: float, what: str) -> None:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, sd15_checkpoint, lf):
-    srv = ComfyServer(tmp_path_factory.mktemp("multigpu-server"), python=sys.executable)
+    root = tmp_path_factory.mktemp("multigpu-server")
+    (root / "system-tmp").mkdir()  # the server's (and its workers') temporary folder: TMPDIR
+    srv = ComfyServer(root, python=sys.executable, env={"TMPDIR": str(root / "system-tmp")})
     try:
         srv.start()
         server_fixtures.place_sd15(server_fixtures.ModelDirs(srv.model_dirs), sd15_checkpoint, lf, CKPT, LF_WEIGHTS)
@@ -149,6 +151,9 @@ def test_multigpu_node_through_the_server(server):
     (third,) = groups(server, mark)
     assert not gone(third[0])
 
-    # the server stops (SIGTERM: no atexit in ComfyUI): the worker notices its parent is gone
+    # the server stops (SIGTERM: no atexit in ComfyUI): the worker notices its parent is gone, and
+    # the group left nothing in the temporary folder (it meets at a TCP store, not a file)
     server.close(keep_log=True)
     wait_until(lambda: all(gone(p) for g in groups(server) for p in g), 15, "every worker exits with the server")
+    left = sorted(p.name for p in (server.root / "system-tmp").glob("linfusion-band-*"))
+    assert not left, left
