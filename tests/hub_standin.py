@@ -223,7 +223,7 @@ def sd15_hub(lf, sd15, monkeypatch, tmp_path):
     """The stand-in serving SD1.5-family LinFusion weights sized for the small SD1.5 model, with
     huggingface_hub pointed at it (the body of the test modules' `hub` fixtures)."""
     import comfy.model_management
-    from test_apply import put_weights
+    from helpers import put_weights
 
     src = put_weights(lf, tmp_path / "hubfiles", "sd15", sd15, name="w")
     try:

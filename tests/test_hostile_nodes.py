@@ -12,7 +12,7 @@ import helpers
 import pytest
 import test_highres_inputs
 import torch
-from test_apply import apply, put_weights
+from helpers import apply, put_weights
 from test_highres_inputs import ADV, SR, adv_kw, latent, refused, sr_kw
 
 ADV_NAME, SR_NAME = "LinFusion High-Res Sampler (advanced)", "LinFusion Super-Resolution"

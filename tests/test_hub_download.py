@@ -21,9 +21,9 @@ import time
 
 import comfy.model_management
 import pytest
+from helpers import apply
 from hub_standin import COMMIT, HubStandIn, sd15_hub, use_standin
 from huggingface_hub import constants, get_hf_file_metadata, hf_hub_download, hf_hub_url
-from test_apply import apply
 from test_hostile_weights import _replaced
 
 REPO = "Yuanshi/LinFusion-1-5"

@@ -14,7 +14,7 @@ import math
 import os
 
 import pytest
-from test_apply import apply, put_weights
+from helpers import apply, put_weights
 
 
 def _sparse_one_wide_layer(lf, path, dim: int = 4096) -> int:
