@@ -175,10 +175,11 @@ def test_a_trickle_is_stopped_by_the_minimum_rate(lf, node_classes, sd15, linfus
     assert list(linfusion_dir.iterdir()) == []
 
 
-@pytest.mark.parametrize("mode", ["stall", "silent"])
-def test_cancel_while_no_byte_arrives(lf, node_classes, sd15, linfusion_dir, hub, monkeypatch, mode):
-    """Cancel (ComfyUI's interrupt flag) ends a download within a second while the connection is
-    silent: after its headers ("stall") or before any answer ("silent"); the stall limit is 20 s."""
+@pytest.mark.parametrize("mode", ["slow", "stall", "silent"])
+def test_cancel_ends_a_download_within_a_second(lf, node_classes, sd15, linfusion_dir, hub, monkeypatch, mode):
+    """Cancel (ComfyUI's /interrupt sets this flag) ends a download within a second while bytes
+    arrive ("slow"), and while the connection is silent: after its headers ("stall") or before
+    any answer ("silent"); the stall limit is 20 s."""
     monkeypatch.setenv("LINFUSION_DOWNLOAD_TIMEOUT", "20")
     hub.mode[WEIGHTS] = mode
     timer = threading.Timer(0.5, comfy.model_management.interrupt_current_processing, (True,))
