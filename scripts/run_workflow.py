@@ -826,6 +826,7 @@ def save_outputs(client: ComfyClient, result: RunResult, folder: Path, include_t
     """Download the prompt's output files into `folder` (inside `root`, the -o folder). An entry
     that would leave `root` is not downloaded; its message goes to `result.refused`."""
     root = folder if root is None else root
+    folder.mkdir(parents=True, exist_ok=True)
     for item in output_items(result.history, include_temp):
         try:
             target = output_target(root, folder, item)
