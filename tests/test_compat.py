@@ -149,7 +149,7 @@ SYMBOLS: dict[str, tuple[int, tuple[str, ...]] | None] = {
     "comfy.utils.get_attr": (2, ()),
     "comfy.model_management.dtype_size": (1, ()),
     "comfy.model_base.BaseModel.memory_required": (2, ("cond_shapes",)),
-    # sampling (nodes/highres.py)
+    # sampling (nodes/highres_stages.py, highres_sampling.py, highres_refine.py, highres_vae.py)
     "comfy.sample.sample_custom": (8, ("callback", "disable_pbar", "seed")),
     "comfy.sample.prepare_noise": (3, ()),
     "comfy.sample.fix_empty_latent_channels": (2, ()),
@@ -189,7 +189,7 @@ SYMBOLS: dict[str, tuple[int, tuple[str, ...]] | None] = {
     "comfy.ldm.modules.attention.CrossAttention.forward": (2, ("context", "value", "mask")),
     "comfy.ops.disable_weight_init.Linear": None,
     "comfy.ops.disable_weight_init.LayerNorm": None,
-    # the reference's stage plan and memory checks (nodes/highres.py, nodes/highres_checks.py)
+    # the reference's stage plan and memory checks (nodes/highres_sampling.py, highres_settings.py, highres_checks.py)
     "comfy.samplers.calculate_sigmas": (3, ()),
     "comfy.model_sampling.CONST": None,
     "comfy.model_sampling.ModelSamplingDiscrete": None,

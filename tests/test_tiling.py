@@ -1,4 +1,4 @@
-"""Tiled VAE decode/encode with one output buffer (linfusion/tiling.py, nodes/highres.py's
+"""Tiled VAE decode/encode with one output buffer (linfusion/tiling.py, nodes/highres_vae.py's
 vae_decode / vae_encode): spans cover every axis with the asked overlap, the blend weights
 sum to one everywhere, a pointwise function comes through tiling unchanged, and the VAE path
 decodes each pixel once (ComfyUI's own 2-D tiled decode runs three passes)."""
