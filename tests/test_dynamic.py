@@ -47,7 +47,7 @@ REFERENCES: dict = {}  # (model kind, hybrid tokens, LoRA) -> output of a model 
 
 def override_of(p) -> tuple:
     """0.38 ModelPatcher.get_clone_model_override: the model and its backup containers."""
-    return p.model, (p.backup, getattr(p, "backup_buffers", {}), p.object_patches_backup, p.pinned)
+    return p.model, (p.backup, getattr(p, "backup_buffers", {}), p.object_patches_backup, getattr(p, "pinned", set()))
 
 
 class DynamicPatcher(comfy.model_patcher.ModelPatcher):

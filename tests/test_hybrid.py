@@ -58,7 +58,7 @@ def softmax_path_error(patcher, want: dict) -> float:
     """Max abs difference between the kept softmax layer of the LOADED `patcher` at PATH and the
     written-out attention with weights `want`."""
     layer = patcher.model.diffusion_model.get_submodule(PATH)
-    assert type(layer).__name__ == "LinFusionAttention" and layer.uses_softmax(256)
+    assert "LinFusionAttention" in {t.__name__ for t in type(layer).__mro__} and layer.uses_softmax(256)
     x = torch.randn(2, 256, layer.dim, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         return (layer(x) - reference_attention(x, want, layer.softmax_attn.heads)).abs().max().item()
