@@ -161,6 +161,12 @@ SYMBOLS: dict[str, tuple[int, tuple[str, ...]] | None] = {
     "comfy.samplers.SAMPLER_NAMES": None,
     "comfy.samplers.SCHEDULER_NAMES": None,
     "comfy.model_management.throw_exception_if_processing_interrupted": (0, ()),
+    # the Multi-GPU node: the weights ComfyUI would compute with (nodes/multigpu.py effective_weights), Cancel
+    "comfy.model_management.processing_interrupted": (0, ()),
+    "comfy.model_management.InterruptProcessingException": None,
+    "comfy.lora.calculate_weight": (3, ()),
+    "comfy.float.stochastic_rounding": (2, ("seed",)),
+    "comfy.model_patcher.string_to_seed": (1, ()),
     "comfy.model_management.intermediate_device": (0, ()),
     "comfy.model_management.soft_empty_cache": (0, ()),
     "comfy.model_management.unload_all_models": (0, ()),
