@@ -27,19 +27,15 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(HERE.parent))
 
 
-def run_case(mode: str, px: int, device: str, channels: int = 320, once: bool = False) -> dict:
-    import comfy_env
-
-    comfy_env.setup(cpu=device == "cpu")
+def sd15_unet(channels: int, with_linfusion: bool, dtype):
+    """A ComfyUI BaseModel with the SD1.5 layout (`channels` wide) and seeded random weights, on
+    the CPU; with_linfusion: every attn1 replaced by a LinFusion layer with random weights (the
+    base weights are the same either way). Call after comfy_env.setup."""
     import helpers  # tests/helpers.py: the exact SD1.5 layout
     import torch
 
     import linfusion
-    from bench.memory import measure, measure_once
-    from linfusion.memory import inference_bytes
 
-    dev = torch.device(device)
-    dtype = torch.float16 if dev.type == "cuda" else torch.float32
     torch.manual_seed(0)
     model = helpers.base_model("sd15", channels)
     unet = model.diffusion_model
@@ -49,7 +45,7 @@ def run_case(mode: str, px: int, device: str, channels: int = 320, once: bool = 
                 p.fill_(1.0 if name.endswith("weight") else 0.0)
             else:
                 p.normal_(0, 1 / math.sqrt(math.prod(p.shape[1:])))
-    if mode == "linfusion":
+    if with_linfusion:
         mods = helpers.lf_modules(linfusion, "sd15", unet)
         weights = linfusion.LinFusionWeights(mods, helpers.random_state(linfusion, mods, dtype=dtype))
         plan = linfusion.plan_replacements(weights, unet)
@@ -57,6 +53,22 @@ def run_case(mode: str, px: int, device: str, channels: int = 320, once: bool = 
         for path, layer in layers.items():
             parent, name = path.rsplit(".", 1)
             setattr(unet.get_submodule(parent), name, layer)
+    return model
+
+
+def run_case(mode: str, px: int, device: str, channels: int = 320, once: bool = False) -> dict:
+    import comfy_env
+
+    comfy_env.setup(cpu=device == "cpu")
+    import torch
+
+    from bench.memory import measure, measure_once
+    from linfusion.memory import inference_bytes
+
+    dev = torch.device(device)
+    dtype = torch.float16 if dev.type == "cuda" else torch.float32
+    model = sd15_unet(channels, mode == "linfusion", dtype)
+    unet = model.diffusion_model
     unet.to(dev, dtype).eval()
     lat = px // 8
     x = torch.randn(2, 4, lat, lat, device=dev, dtype=dtype)

@@ -51,6 +51,15 @@ def _phi(t: torch.Tensor) -> torch.Tensor:
     return torch.exp(t).clamp(max=1.0) + t.clamp(min=0.0)
 
 
+def _into(op, *args: Any, out: torch.Tensor, **kw: Any) -> torch.Tensor:
+    """op(*args, **kw, out=out). Traced by torch.compile, whose dynamo refuses out= into a
+    non-contiguous tensor (a graph break per call), a strided `out` gets out.copy_(op(...))
+    instead: the same values, and inductor fuses the two into one pass."""
+    if out.is_contiguous() or not torch.compiler.is_compiling():
+        return op(*args, out=out, **kw)
+    return out.copy_(op(*args, **kw))
+
+
 def _phi_into(t: torch.Tensor, out: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
     """elu(t) + 1 written into the fp32 buffer `out` (same shape as t, any input dtype);
     `tmp` is scratch of the same shape. t is read once; the other passes run over
@@ -63,11 +72,11 @@ def _phi_into(t: torch.Tensor, out: torch.Tensor, tmp: torch.Tensor) -> torch.Te
     if t.dtype != out.dtype:  # half inputs: one fp32 copy, so nothing below rounds to half
         t = out.copy_(t)
     if t.device.type == "cpu":
-        torch.mul(t, LOG2E, out=out)
-        torch.clamp(out, min=0.0, out=tmp)
+        _into(torch.mul, t, LOG2E, out=out)
+        _into(torch.clamp, out, min=0.0, out=tmp)
         return out.exp2_().clamp_(max=1.0).add_(tmp, alpha=LN2)
-    torch.clamp(t, min=0.0, out=tmp)
-    return torch.exp(t, out=out).clamp_(max=1.0).add_(tmp)
+    _into(torch.clamp, t, min=0.0, out=tmp)
+    return _into(torch.exp, t, out=out).clamp_(max=1.0).add_(tmp)
 
 
 def _grad(*ts: torch.Tensor) -> bool:
@@ -147,7 +156,7 @@ def apply_summary(q: torch.Tensor, summary: torch.Tensor, eps: float = EPS,
             phi_q = _phi_into(q[b, :, s:s + m], pq[:, :m], tmp[:, :m])
             num = torch.matmul(phi_q, sb, out=numbuf[:heads * m * (dv + 1)].view(heads, m, dv + 1))
             z = num[..., dv:].add_(eps)
-            torch.div(num[..., :dv], z, out=out[b, :, s:s + m])
+            _into(torch.div, num[..., :dv], z, out=out[b, :, s:s + m])
     return out
 
 

@@ -287,6 +287,7 @@ def split_input_resblock(block: nn.Module, parts: list[torch.Tensor], emb: torch
     pad = conv.padding[0]
     h_in = out = carry = None
     first = parts[0]
+    in_first = False  # out is a view of the first part's storage
     for r0 in range(0, h, rows):
         r1 = min(h, r0 + rows)
         lo, hi = max(0, r0 - pad), min(h, r1 + pad)
@@ -296,10 +297,10 @@ def split_input_resblock(block: nn.Module, parts: list[torch.Tensor], emb: torch
         s = block.skip_connection(band[:, :, r0 - lo:r1 - lo])
         if out is None:
             if overwrite_first and first.shape[1] >= s.shape[1] and first.dtype == s.dtype:
-                out = first[:, :s.shape[1]]
+                out, in_first = first[:, :s.shape[1]], True
             else:
                 out = torch.empty((b, s.shape[1], h, w), dtype=s.dtype, device=device)
-        if pad and out.untyped_storage().data_ptr() == first.untyped_storage().data_ptr():
+        if pad and in_first:  # (a flag, not a storage comparison: torch.compile traces this without a break)
             carry = band[:, :s.shape[1], r1 - pad - lo:r1 - lo].clone()
         out[:, :, r0:r1] = s
         del s
@@ -452,6 +453,14 @@ def banded_sequences(seqs: Iterable[nn.Module], band_bytes: int | None = None, m
         yield n
 
 
+def _count(obj, **increments: int) -> None:
+    """Add to an object's counters, in eager calls only: a counter that a graph traced by
+    torch.compile reads becomes a guard on its value, which would recompile every call."""
+    if not torch.compiler.is_compiling():
+        for name, n in increments.items():
+            setattr(obj, name, getattr(obj, name) + n)
+
+
 class SkipConcat:
     """Leaves out the UNet decoder's `torch.cat([h, skip])` where a banded ResBlock consumes it.
 
@@ -464,7 +473,7 @@ class SkipConcat:
     copied to the device one band at a time. With `overwrite` (set when no other patch sees
     the decoder's maps, so nothing else can hold them) the block writes its output into h's
     storage. Anything else goes on as usual (through `parking.fetch` when parking is given).
-    Counters: `deferred`."""
+    Counters (eager calls only, see _count): `deferred`."""
 
     def __init__(self, unet: nn.Module, blocks: Iterable[nn.Module], min_bytes: int | None = None,
                  parking: SkipParking | None = None):
@@ -492,7 +501,7 @@ class SkipConcat:
             return self.parking.fetch(h, hsp, transformer_options) if self.parking is not None else (h, hsp)
         moments = self.parking.claim(hsp) if self.parking is not None else None
         self._pending[id(first)] = ([h, hsp], [None, moments], self.overwrite)
-        self.deferred += 1
+        _count(self, deferred=1)
         empty = h.new_empty((h.shape[0], 0, *h.shape[2:]))
         return empty, empty
 
@@ -607,8 +616,9 @@ class SkipParking:
 
     Only skips of at least `min_bytes` move (small ones would cost a synchronising copy for
     nothing). `allocate(shape, dtype, device)` makes the host buffer (default: pinned CPU
-    memory when the source is on CUDA, so copies can run asynchronously). Counters:
-    `parked`, `fetched` (calls that moved a tensor), `bytes_moved` (both directions).
+    memory when the source is on CUDA, so copies can run asynchronously). Counters (eager
+    calls only, see _count): `parked`, `fetched` (calls that moved a tensor), `bytes_moved`
+    (both directions).
     """
 
     def __init__(self, park_device: torch.device | str, min_bytes: int = 1 << 20,
@@ -642,8 +652,7 @@ class SkipParking:
         self._waiting[id(host)] = host
         if self.moments:  # measured here, on the device: a SkipConcat never reads the skip twice
             self._moments[id(host)] = channel_moments(h, band_rows(h))
-        self.parked += 1
-        self.bytes_moved += h.numel() * h.element_size()
+        _count(self, parked=1, bytes_moved=h.numel() * h.element_size())
         return host
 
     def resume(self, h: torch.Tensor, transformer_options=None) -> torch.Tensor:
@@ -655,8 +664,7 @@ class SkipParking:
         bands): its per-channel moments when measured, else None; None for a skip not parked."""
         if self._waiting.pop(id(hsp), None) is None:
             return None
-        self.fetched += 1
-        self.bytes_moved += hsp.numel() * hsp.element_size()  # it still crosses, one band at a time
+        _count(self, fetched=1, bytes_moved=hsp.numel() * hsp.element_size())  # it still crosses, one band at a time
         return self._moments.pop(id(hsp), None)
 
     def fetch(self, h: torch.Tensor, hsp: torch.Tensor, transformer_options=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -665,6 +673,5 @@ class SkipParking:
             return h, hsp
         back = torch.empty(hsp.shape, dtype=hsp.dtype, device=h.device)
         back.copy_(hsp, non_blocking=True)
-        self.fetched += 1
-        self.bytes_moved += hsp.numel() * hsp.element_size()
+        _count(self, fetched=1, bytes_moved=hsp.numel() * hsp.element_size())
         return h, back

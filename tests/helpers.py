@@ -197,3 +197,14 @@ def interrupt_at(value: int) -> Callable:
             raise comfy.model_management.InterruptProcessingException()
 
     return hook
+
+
+def apply_random_linfusion(lf, node_classes, linfusion_dir: Path, model, kind: str = "sd15",
+                           softmax_max_tokens: int = 0, seed: int = 0):
+    """`model` through the Apply LinFusion node ('auto' weights), with official-format weights of
+    random values written into `linfusion_dir` (the conftest fixture's models/linfusion)."""
+    mods = lf_modules(lf, kind, model.get_model_object("diffusion_model"))
+    write_official(linfusion_dir / lf.FAMILIES[LF_FAMILY[kind]].folder_name, lf, mods,
+                   random_state(lf, mods, seed=seed))
+    out = node_classes["ApplyLinFusion"].execute(model, "auto", softmax_max_tokens)
+    return out.result[0] if hasattr(out, "result") else out[0]
