@@ -506,7 +506,7 @@ def test_dynamic_newest_unet_forward_keeps_the_low_memory_bands(lf, pack, monkey
             monkeypatch.setattr(lm, name, lambda *a, _own=own, _calls=calls, **k: _calls.append(1) or _own(*a, **k))
         monkeypatch.setattr(lm, "BAND_BYTES", 1)
         mo = {"transformer_options": {"patches": patches}}
-        with pack.nodes.lowmem.low_memory_unet(unet, mo, park_device=None, min_chunk_bytes=0):
+        with pack.nodes.lowmem.low_memory_unet(unet, mo, lm.LowMemory(min_chunk_bytes=0), park_device=None):
             out = unet(x, t, ctx, y, transformer_options=mo["transformer_options"])
     n_blocks = len(lm.top_level_resblocks(unet, 2))
     # every ResBlock of the two top levels banded (2 norm-act-convs each, 1 inside a deferred one)
