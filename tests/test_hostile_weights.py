@@ -210,7 +210,7 @@ def _replaced(model) -> int:
     m = model.clone()
     comfy.model_management.load_models_gpu([m])
     try:
-        return sum(type(a).__name__ == "LinFusionAttention" for a in attn1_objects(m).values())
+        return sum(any(c.__name__ == "LinFusionAttention" for c in type(a).__mro__) for a in attn1_objects(m).values())
     finally:
         comfy.model_management.unload_all_models()
 
