@@ -353,7 +353,11 @@ def test_workers_compute_with_the_models_weight_patches(lf, node_classes, sd15, 
     for strength in (-2.0, 3.0):
         got = highres_stage(lora_clone(banded_model, strength), 1.0)
         errs[f"partial {strength:g}"] = (got - with_lora[strength]).abs().max().item()
-    assert seen["lowvram layers"] > 10 and seen["patched in place"] > 10, seen  # both kinds of layers
+    # both kinds of layers; ComfyUI 0.3.52's partial load on the CPU leaves every UNet layer to the
+    # per-op cast (none patched in place), so there only the per-op kind is exercised
+    import comfyui_version
+    in_place = tuple(int(p) for p in comfyui_version.__version__.split(".")[:3]) > (0, 3, 52)
+    assert seen["lowvram layers"] > 10 and (seen["patched in place"] > 10 or not in_place), seen
     assert multigpu._GROUP.world == 2
     assert max(errs.values()) < 1e-4, errs
 
