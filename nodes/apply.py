@@ -23,7 +23,7 @@ from ..linfusion.patching import (
     plan_replacements,
 )
 from . import loaders, weights_store
-from .highres_checks import HighResInputError, check_number
+from .highres_checks import check_number
 from .schema import CATEGORY, DISPLAY_NAMES, schema
 
 log = logging.getLogger("ComfyUI-LinFusion")
@@ -246,8 +246,6 @@ class ApplyLinFusion(io.ComfyNode):
         # linked values reach here unchecked by ComfyUI: the same range and type as the widget
         (tokens,) = [i for i in cls.define_schema().inputs if i.id == "softmax_max_tokens"]
         softmax_max_tokens = check_number("Apply LinFusion", tokens, softmax_max_tokens, integer=True)
-        if not isinstance(weights, str):
-            raise HighResInputError(f"Apply LinFusion: input 'weights' is {type(weights).__name__}, not a file name. "
-                                    "Fix: choose a file of models/linfusion or 'auto' (check the node linked to it)")
+        # a linked `weights` of another type is refused by weights_store.resolve, with its one message
         m, _ = apply_linfusion(model, weights, softmax_max_tokens)
         return io.NodeOutput(m)

@@ -215,7 +215,7 @@ def test_linked_softmax_max_tokens_checked_like_the_widget(lf, node_classes, sd1
 
 def test_linked_weights_of_another_type_refused(lf, node_classes, sd15, linfusion_dir):
     put_weights(lf, linfusion_dir, "sd15", sd15)
-    with pytest.raises(ValueError, match="input 'weights' is int, not a file name. Fix: choose a file"):
+    with pytest.raises(ValueError, match="must be the name of an entry in the list, got int 3: pick 'auto'"):
         apply(node_classes, sd15, 3)
     assert apply(node_classes, sd15, "auto", softmax_max_tokens=4096.0) is not None  # a whole float is fine
 
