@@ -22,14 +22,11 @@ import atexit
 import contextlib
 import logging
 import math
-import queue
 import sys
 import threading
-import time
 import weakref
 from collections import Counter
 from collections.abc import Iterator
-from datetime import timedelta
 from pathlib import Path
 
 import comfy.float
@@ -45,9 +42,12 @@ from comfy_api.latest import io
 from ..linfusion import LinFusionAttention
 from ..linfusion.parallel import (
     BandParallelError,
+    Workers,
     band_parallel,
     check_conv_fit,
     conv_settings,
+    host_store,
+    join_group,
     replaced_forwards,
     split_control,
     split_rows,
@@ -247,10 +247,9 @@ def effective_weights(unet: torch.nn.Module, patcher) -> dict[str, torch.Tensor]
 
 
 class BandGroup:
-    """Rank 0's side of a persistent group: the worker processes and the process group.
-
-    The group meets at a TCP store that rank 0 serves on the loopback interface (no file in the
-    temporary folder, so no exit of the server can leave one behind)."""
+    """Rank 0's side of a persistent group: the worker processes (linfusion.parallel.Workers) and
+    the process group, met at a TCP store that rank 0 serves on the loopback interface (no file in
+    the temporary folder, so no exit of the server can leave one behind)."""
 
     def __init__(self, devices: list[torch.device], timeout_s: float) -> None:
         self.devices, self.timeout_s = devices, timeout_s
@@ -260,32 +259,20 @@ class BandGroup:
         self.loaded: tuple | None = None
         self.busy = False  # inside a UNet call: a release then waits for its end
         self.close_reason: str | None = None
-        timeout = timedelta(seconds=timeout_s)
-        # port 0: the system picks a free port. multi_tenant: rank 0's own rendezvous below (the same
-        # "tcp://" address the workers get) shares this server instead of starting a second one.
-        self.store = dist.TCPStore("127.0.0.1", 0, self.world, is_master=True, timeout=timeout,
-                                   wait_for_workers=False, multi_tenant=True)
-        init_method = f"tcp://127.0.0.1:{self.store.port}"
-        ctx = torch.multiprocessing.get_context("spawn")
-        self.replies = ctx.Queue()
-        self.requests = [ctx.Queue() for _ in devices[1:]]
-        target = _serve_target()
-        self.procs = [ctx.Process(target=target, daemon=True, name=f"linfusion-band-rank{r}",
-                                  args=(r, self.world, init_method, self.backend, timeout_s, str(devices[r]),
-                                        str(Path(__file__).with_name("multigpu_worker.py")), self.requests[r - 1],
-                                        self.replies))
-                      for r in range(1, self.world)]
+        self.store = host_store(self.world, timeout_s)
+        builder = str(Path(__file__).with_name("multigpu_worker.py"))
+        self.workers = Workers(_serve_target(), range(1, self.world), inbox=True,
+                               args=lambda r: (r, self.world, self.store.port, self.backend, timeout_s,
+                                               str(devices[r]), builder))
         with _main_module_hidden():
-            for p in self.procs:
-                p.start()
-        self.pids = [p.pid for p in self.procs]
+            self.workers.start()
+        self.pids = self.workers.pids
         # each worker reports before joining the group: one that dies while starting fails here
         # at once, instead of after the group's timeout
         self._await("its start (its traceback is in the log above)")
         try:
             with self._stopped_on_cancel():
-                dist.init_process_group(self.backend, init_method=init_method, rank=0, world_size=self.world,
-                                        timeout=timeout)
+                join_group(self.backend, 0, self.world, self.store, timeout_s)
         except BaseException:
             self._raise_if_cancelled()
             self.close("the process group did not form")
@@ -312,9 +299,7 @@ class BandGroup:
             while not done.wait(CANCEL_POLL_S):
                 if comfy.model_management.processing_interrupted():
                     self.cancelled = True
-                    for p in self.procs:
-                        with contextlib.suppress(Exception):
-                            p.kill()
+                    self.workers.kill()
                     return
 
         watcher = threading.Thread(target=watch, name="linfusion-band-cancel", daemon=True)
@@ -328,24 +313,19 @@ class BandGroup:
     def _await(self, what: str) -> None:
         """One reply per worker, or a clear error naming the rank that died or failed (Cancel: the
         prompt ends as interrupted)."""
-        pending = set(range(1, self.world))
-        deadline = time.monotonic() + self.timeout_s
-        while pending:
-            try:
-                status, rank, text = self.replies.get(timeout=CANCEL_POLL_S)
-            except queue.Empty:
-                self._raise_if_cancelled()
-                dead = [r for r in pending if not self.procs[r - 1].is_alive()]
-                if dead or time.monotonic() > deadline:
-                    self.close("a worker failed")
-                    why = f"died (exit code {self.procs[dead[0] - 1].exitcode})" if dead else "timed out"
-                    raise RuntimeError(f"LinFusion Multi-GPU: worker rank {(dead or sorted(pending))[0]} {why} during "
-                                       f"{what}; the group is closed, run the prompt again") from None
-                continue
-            if status != "ok":
-                self.close("a worker failed")
-                raise RuntimeError(f"LinFusion Multi-GPU: worker rank {rank} failed during {what}:\n{text}")
-            pending.discard(rank)
+        seen = self.workers.gather(self.workers.ranks, self.timeout_s, idle=self._raise_if_cancelled,
+                                   until_error=True)
+        errors = seen.errors()
+        if errors:
+            self.close("a worker failed")
+            rank, text = next(iter(errors.items()))
+            raise RuntimeError(f"LinFusion Multi-GPU: worker rank {rank} failed during {what}:\n{text}")
+        if seen.dead or seen.silent:
+            self.close("a worker failed")
+            rank, code = next(iter(sorted(seen.dead.items())), (seen.silent[0], None))
+            why = "timed out" if code is None else f"died (exit code {code})"
+            raise RuntimeError(f"LinFusion Multi-GPU: worker rank {rank} {why} during {what}; "
+                               "the group is closed, run the prompt again") from None
 
     def load(self, unet: torch.nn.Module, config: dict, patcher) -> None:
         """Send the UNet (config, LinFusion layers, the weights ComfyUI computes with) to every
@@ -357,8 +337,7 @@ class BandGroup:
                   for n, m in unet.named_modules() if isinstance(m, LinFusionAttention)]
         payload = {"pack_root": str(PACK_ROOT), "unet_config": config, "layers": layers,
                    "state": effective_weights(unet, patcher)}
-        for q in self.requests:
-            q.put(("load", payload))
+        self.workers.send({r: ("load", payload) for r in self.workers.ranks})
         self._await("loading the UNet")
         self.loaded = key
 
@@ -384,9 +363,9 @@ class BandGroup:
         self.load(unet, config, patcher)
         extra = {} if y is None else {"y": y.cpu()}
         convs = conv_settings(unet)  # DemoFusion's dilated branch changes them on rank 0's UNet
-        for r, q in enumerate(self.requests, 1):
-            kw = extra if controls[r] is None else {**extra, "control": _cpu(controls[r])}
-            q.put(("forward", x.cpu(), (timesteps.cpu(), context.cpu()), kw, convs))
+        self.workers.send({r: ("forward", x.cpu(), (timesteps.cpu(), context.cpu()),
+                               extra if controls[r] is None else {**extra, "control": _cpu(controls[r])}, convs)
+                           for r in self.workers.ranks})
         self.busy = True
         try:
             with self._stopped_on_cancel(), band_parallel(unet, timeout_s=self.timeout_s) as bp:
@@ -410,38 +389,22 @@ class BandGroup:
     def _failure(self, error: BaseException) -> BaseException:
         """Rank 0's band forward raised: close the group (it is out of step) and name the worker
         that died or failed, when one did (a dead peer shows on rank 0 as a failed collective)."""
-        deadline = time.monotonic() + min(5.0, self.timeout_s)
-        reports = []
-        while time.monotonic() < deadline:
-            with contextlib.suppress(queue.Empty):
-                status, rank, text = self.replies.get(timeout=0.2)
-                if status != "ok":
-                    reports.append(f"worker rank {rank} failed:\n{text}")
-            dead = [(r, p.exitcode) for r, p in enumerate(self.procs, 1) if p.exitcode is not None]
-            if dead or reports or not isinstance(error, BandParallelError):
-                break
+        # a failed collective: wait a little for the worker's own report; anything else: a glance
+        wait_s = min(5.0, self.timeout_s) if isinstance(error, BandParallelError) else CANCEL_POLL_S
+        seen = self.workers.gather(self.workers.ranks, wait_s, until_error=True)
         self.close("a UNet call failed")
-        reports = [f"worker rank {r} died (exit code {c})" for r, c in dead] + reports
+        reports = [f"worker rank {r} died (exit code {c})" for r, c in sorted(seen.dead.items())]
+        reports += [f"worker rank {r} failed:\n{text}" for r, text in seen.errors().items()]
         if not reports:
             return error
         return RuntimeError(f"LinFusion Multi-GPU: {'; '.join(reports)} during a UNet call (rank 0: {error}); "
                             "the group is closed and the next run starts a new one")
 
     def close(self, reason: str = "closed") -> None:
-        """Stop the workers (politely, then SIGKILL after 5 s) and destroy the process group."""
-        for q in self.requests:
-            with contextlib.suppress(Exception):
-                q.put(("stop",))
-        for p in self.procs:
-            p.join(5)
-            if p.is_alive():
-                p.kill()
-                p.join()
+        """Stop the workers (politely, then SIGKILL) and destroy the process group."""
+        self.workers.stop()
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
-        for q in [*self.requests, self.replies]:
-            q.cancel_join_thread()  # never block on a message no one will read
-            q.close()
         self.store = None  # rank 0's TCP store server stops with its last reference
         global _GROUP
         if _GROUP is self:

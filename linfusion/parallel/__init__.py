@@ -33,8 +33,9 @@ Every collective has a timeout; a failure names this rank, the operation and the
 
 Layout: `geometry.py` (the row partition, conv halos, the fit checks: pure functions),
 `runtime.py` (BandParallel and `band_parallel`: the patched forwards and their collectives),
-`workers.py` (`launch`, a group of spawned processes for tests and benchmarks, and `serve`,
-the loop of a host's persistent worker). Every public name is importable from here.
+`workers.py` (`Workers`, the one supervisor of spawned worker processes; `launch`, a group
+of spawned processes for tests and benchmarks; `serve`, the loop of a host's persistent
+worker). Every public name is importable from here.
 """
 
 from .geometry import (
@@ -53,9 +54,9 @@ from .geometry import (
     split_rows,
 )
 from .runtime import DEFAULT_TIMEOUT_S, OTHER_ATTENTION, BandParallel, band_parallel
-from .workers import WorkerError, launch, serve
+from .workers import WorkerError, Workers, host_store, join_group, launch, serve
 
 __all__ = ["DEFAULT_TIMEOUT_S", "OTHER_ATTENTION", "BandParallel", "BandParallelError", "Bands", "ConvPlan", "Halo",
-           "WorkerError", "band_parallel", "check_conv_fit", "conv_geometry", "conv_plan", "conv_settings",
-           "conv_settings_applied", "launch", "level_bands", "replaced_forwards", "serve", "split_control",
-           "split_rows"]
+           "WorkerError", "Workers", "band_parallel", "check_conv_fit", "conv_geometry", "conv_plan",
+           "conv_settings", "conv_settings_applied", "host_store", "join_group", "launch", "level_bands",
+           "replaced_forwards", "serve", "split_control", "split_rows"]

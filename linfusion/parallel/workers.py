@@ -1,6 +1,9 @@
-"""Processes of a band-parallel group: `launch` (a group of spawned workers with a clear error
-when one dies; used by the tests and bench/parallel.py) and `serve` (the loop of a persistent
-worker: one extra device of a host application, the Multi-GPU node).
+"""Processes of a band-parallel group. `Workers` is the one supervisor of spawned worker
+processes: it starts them, gathers their replies while watching for a dead one, and stops them.
+Two users: `launch` (every rank a spawned worker, a clear error when one dies; the tests and
+bench/parallel.py) and the Multi-GPU node (nodes/multigpu.py: the host is rank 0, each extra
+device a persistent worker running `serve`). The group meets at a TCP store that the parent
+serves on the loopback interface (`host_store`), so nothing is left in the temporary folder.
 """
 
 from __future__ import annotations
@@ -9,10 +12,10 @@ import contextlib
 import os
 import queue as queue_mod
 import sys
-import tempfile
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -22,17 +25,136 @@ import torch.distributed as dist
 from .geometry import BandParallelError, conv_settings_applied
 from .runtime import DEFAULT_TIMEOUT_S, band_parallel
 
+POLL_S = 0.2  # how often a wait on the workers looks for a dead one (and runs its idle check)
+STOP_GRACE_S = 5.0  # how long a stopped worker gets to exit before SIGKILL
+HOST = "127.0.0.1"
+
 
 class WorkerError(RuntimeError):
     """A band-parallel worker process died or raised; the message names its rank."""
 
 
-def _worker_main(rank: int, world: int, init_method: str, backend: str, timeout_s: float, threads: int | None,
+def host_store(world: int, timeout_s: float) -> dist.TCPStore:
+    """The group's meeting point, served by this process on a free loopback port (store.port)."""
+    return dist.TCPStore(HOST, 0, world, is_master=True, timeout=timedelta(seconds=timeout_s),
+                         wait_for_workers=False)
+
+
+def join_group(backend: str, rank: int, world: int, store: dist.Store | int, timeout_s: float) -> None:
+    """Join the process group at `store` (the host's own store, or the port of the host's store)."""
+    timeout = timedelta(seconds=timeout_s)
+    if isinstance(store, int):
+        store = dist.TCPStore(HOST, store, world, is_master=False, timeout=timeout)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+
+
+@dataclass
+class Replies:
+    """What a wait on the workers saw: replies (status, value) by rank, the ranks that died
+    without replying (exit codes), and the ranks still silent when the wait ended."""
+
+    got: dict[int, tuple[str, Any]] = field(default_factory=dict)
+    dead: dict[int, int] = field(default_factory=dict)
+    silent: list[int] = field(default_factory=list)
+
+    def errors(self) -> dict[int, Any]:
+        return {r: v for r, (s, v) in sorted(self.got.items()) if s != "ok"}
+
+
+class Workers:
+    """Spawned worker processes, one per rank in `ranks`, replying (rank, status, value) on one queue.
+
+    `args(rank)` gives a worker's arguments after the reply queue's place is filled in: the target
+    is called as target(*args(rank), replies) with `inbox=False`, or target(*args(rank), inbox,
+    replies) with `inbox=True` (each worker then reads requests from its own queue, and `stop`
+    asks it to leave with ("stop",) before it is killed)."""
+
+    def __init__(self, target: Callable, ranks: Iterable[int], args: Callable[[int], tuple], *,
+                 inbox: bool = False, name: str = "linfusion-band") -> None:
+        ctx = torch.multiprocessing.get_context("spawn")
+        self.ranks = list(ranks)
+        self.replies = ctx.Queue()
+        self.inboxes = {r: ctx.Queue() for r in self.ranks} if inbox else {}
+        self.procs = {r: ctx.Process(target=target, daemon=True, name=f"{name}-rank{r}",
+                                     args=(*args(r), *([self.inboxes[r]] if inbox else []), self.replies))
+                      for r in self.ranks}
+        self.pids: list[int] = []
+
+    def start(self) -> None:
+        for p in self.procs.values():
+            p.start()
+        self.pids = [p.pid for p in self.procs.values()]
+
+    def send(self, messages: dict[int, tuple]) -> None:
+        for r, msg in messages.items():
+            self.inboxes[r].put(msg)
+
+    def exited(self) -> dict[int, int]:
+        """Exit codes of the workers that have exited, by rank."""
+        return {r: p.exitcode for r, p in self.procs.items() if p.exitcode is not None}
+
+    def kill(self) -> None:
+        for p in self.procs.values():
+            with contextlib.suppress(Exception):
+                p.kill()
+
+    def gather(self, ranks: Iterable[int], timeout_s: float, *, idle: Callable[[], None] | None = None,
+               grace_s: float = 0.0, until_error: bool = False) -> Replies:
+        """Replies of `ranks` until each replied or died, at most `timeout_s`. When one died, the
+        others get `grace_s` more to report (e.g. the collective that failed with it); with
+        `until_error` the first error reply ends the wait. `idle()` runs every POLL_S of silence
+        (it may raise: the host's Cancel)."""
+        pending, seen = set(ranks), Replies()
+        deadline, grace_end = time.monotonic() + timeout_s, None
+        while pending:
+            try:
+                r, status, value = self.replies.get(timeout=POLL_S)
+                seen.got[r] = (status, value)
+                pending.discard(r)
+                if until_error and status != "ok":
+                    break
+                continue
+            except queue_mod.Empty:
+                pass
+            if idle is not None:
+                idle()
+            for r, code in self.exited().items():
+                if r in pending:
+                    seen.dead[r] = code
+                    pending.discard(r)
+            now = time.monotonic()
+            if seen.dead and grace_end is None:
+                grace_end = now + grace_s
+            if now > deadline or (grace_end is not None and now >= grace_end):
+                break
+        seen.silent = sorted(pending)
+        return seen
+
+    def stop(self) -> None:
+        """Ask the workers to leave (("stop",), or SIGTERM without an inbox), SIGKILL those still
+        alive STOP_GRACE_S later, and close the queues (never blocking on an unread message)."""
+        started = [(r, p) for r, p in self.procs.items() if p.pid is not None]
+        for r, p in started:
+            with contextlib.suppress(Exception):
+                if r in self.inboxes:
+                    self.inboxes[r].put(("stop",))
+                elif p.is_alive():
+                    p.terminate()
+        for _, p in started:
+            p.join(STOP_GRACE_S)
+            if p.is_alive():
+                p.kill()
+                p.join()
+        for q in [*self.inboxes.values(), self.replies]:
+            q.cancel_join_thread()
+            q.close()
+
+
+def _worker_main(rank: int, world: int, port: int, backend: str, timeout_s: float, threads: int | None,
                  fn: Callable, args: tuple, results: Any) -> None:
     if threads:
         torch.set_num_threads(threads)
-    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
-                            timeout=timedelta(seconds=timeout_s))
+    join_group(backend, rank, world, port, timeout_s)
     try:
         results.put((rank, "ok", fn(rank, world, *args)))
     except BaseException:
@@ -51,65 +173,23 @@ def launch(fn: Callable, world: int, args: tuple = (), *, backend: str = "gloo",
     by rank. If a worker dies or raises, the others are stopped and WorkerError names the
     rank(s); no process is left behind, whatever happens.
     """
-    ctx = torch.multiprocessing.get_context("spawn")
-    results = ctx.Queue()
-    fd, path = tempfile.mkstemp(prefix="linfusion-band-")
-    os.close(fd)
-    os.unlink(path)  # the file store creates it
-    procs = [ctx.Process(target=_worker_main, daemon=True,
-                         args=(r, world, f"file://{path}", backend, timeout_s, threads, fn, args, results))
-             for r in range(world)]
-    got: dict[int, tuple[str, Any]] = {}
+    store = host_store(world, timeout_s)
+    workers = Workers(_worker_main, range(world),
+                      lambda r: (r, world, store.port, backend, timeout_s, threads, fn, args))
     try:
-        for p in procs:
-            p.start()
-        deadline = time.monotonic() + join_timeout_s
-        dead: dict[int, int] = {}
-        while len(got) < world:
-            try:
-                r, status, value = results.get(timeout=0.2)
-                got[r] = (status, value)
-                continue
-            except queue_mod.Empty:
-                pass
-            for r, p in enumerate(procs):
-                if r not in got and r not in dead and p.exitcode is not None:
-                    dead[r] = p.exitcode
-            if dead:
-                # Give the survivors a moment to report the failed collective, then stop them.
-                grace = time.monotonic() + min(10.0, timeout_s)
-                while len(got) + len(dead) < world and time.monotonic() < grace:
-                    with contextlib.suppress(queue_mod.Empty):
-                        r, status, value = results.get(timeout=0.2)
-                        got[r] = (status, value)
-                break
-            if time.monotonic() > deadline:
-                raise WorkerError(f"band-parallel workers did not finish within {join_timeout_s:.0f} s "
-                                  f"(ranks {sorted(set(range(world)) - set(got))} still running)")
-        errors = {r: v for r, (s, v) in got.items() if s != "ok"}
-        if dead or errors:
-            msg = [f"rank {r} died (exit code {c})" for r, c in sorted(dead.items())]
-            msg += [f"rank {r} raised:\n{v}" for r, v in sorted(errors.items())]
+        workers.start()
+        seen = workers.gather(range(world), join_timeout_s, grace_s=min(10.0, timeout_s))
+        if seen.silent and not seen.dead:
+            raise WorkerError(f"band-parallel workers did not finish within {join_timeout_s:.0f} s "
+                              f"(ranks {seen.silent} still running)")
+        errors = seen.errors()
+        if seen.dead or errors:
+            msg = [f"rank {r} died (exit code {c})" for r, c in sorted(seen.dead.items())]
+            msg += [f"rank {r} raised:\n{v}" for r, v in errors.items()]
             raise WorkerError("band-parallel worker failure: " + "; ".join(msg))
-        return [got[r][1] for r in range(world)]
+        return [seen.got[r][1] for r in range(world)]
     finally:
-        _stop(procs)
-        results.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-
-
-def _stop(procs: list) -> None:
-    """Terminate the started processes; kill those still alive 5 s later."""
-    started = [p for p in procs if p.pid is not None]
-    for p in started:
-        if p.is_alive():
-            p.terminate()
-    for p in started:
-        p.join(5)
-        if p.is_alive():
-            p.kill()
-            p.join()
+        workers.stop()
 
 
 def _to(t: Any, device: torch.device) -> Any:
@@ -121,17 +201,18 @@ def _to(t: Any, device: torch.device) -> Any:
     return t.to(device) if isinstance(t, torch.Tensor) else t
 
 
-def serve(rank: int, world: int, init_method: str, backend: str, timeout_s: float, device: str,
+def serve(rank: int, world: int, port: int, backend: str, timeout_s: float, device: str,
           builder_file: str, requests: Any, replies: Any) -> None:
     """Worker loop of a persistent band-parallel group (run in a spawned process).
 
-    Replies ("ok", rank, "started"), joins the group, then serves messages from `requests`:
+    Replies (rank, "ok", "started"), joins the group at the host's store on `port`, then serves
+    messages from `requests`:
     ("load", payload) builds the model with build_unet(payload, device) from `builder_file` (a
     host-specific file loaded by path, so this module stays free of host imports);
     ("forward", x, args, kwargs, convs) runs this rank's band of one forward in step with rank 0,
     with rank 0's conv settings (conv_settings, or None); kwargs may hold `control`, already cut
     to this rank's rows (split_control); ("stop",) leaves. Replies
-    ("ok"|"error", rank, text) go to `replies`. The worker also leaves when its parent process
+    (rank, "ok"|"error", text) go to `replies`. The worker also leaves when its parent process
     is gone. The process group is destroyed on the way out.
     """
     import importlib.util
@@ -139,9 +220,8 @@ def serve(rank: int, world: int, init_method: str, backend: str, timeout_s: floa
     dev = torch.device(device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    replies.put(("ok", rank, "started"))  # the host waits for this before it joins the group
-    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
-                            timeout=timedelta(seconds=timeout_s))
+    replies.put((rank, "ok", "started"))  # the host waits for this before it joins the group
+    join_group(backend, rank, world, port, timeout_s)
     unet = None
     try:
         spec = importlib.util.spec_from_file_location("linfusion_band_builder", builder_file)
@@ -157,20 +237,20 @@ def serve(rank: int, world: int, init_method: str, backend: str, timeout_s: floa
                 continue
             try:
                 if msg[0] == "stop":
-                    replies.put(("ok", rank, "stopped"))
+                    replies.put((rank, "ok", "stopped"))
                     return
                 if msg[0] == "load":
                     unet = builder.build_unet(msg[1], dev)
-                    replies.put(("ok", rank, "loaded"))
+                    replies.put((rank, "ok", "loaded"))
                 elif msg[0] == "forward":
                     _, x, args, kwargs, convs = msg
                     with conv_settings_applied(unet, convs), band_parallel(unet, timeout_s=timeout_s) as bp, \
                             torch.no_grad():
                         bp.forward(unet, _to(x, dev), *[_to(a, dev) for a in args],
                                    **{k: _to(v, dev) for k, v in kwargs.items()})
-                    replies.put(("ok", rank, "forward"))
+                    replies.put((rank, "ok", "forward"))
             except Exception:
-                replies.put(("error", rank, traceback.format_exc()))
+                replies.put((rank, "error", traceback.format_exc()))
                 if isinstance(sys.exc_info()[1], BandParallelError) or msg[0] == "load":
                     return  # the group is out of step: rank 0 tears it down
     finally:
