@@ -161,7 +161,7 @@ SYMBOLS: dict[str, tuple[int, tuple[str, ...]] | None] = {
     "comfy.samplers.SAMPLER_NAMES": None,
     "comfy.samplers.SCHEDULER_NAMES": None,
     "comfy.model_management.throw_exception_if_processing_interrupted": (0, ()),
-    # the Multi-GPU node: the weights ComfyUI would compute with (nodes/multigpu.py effective_weights), Cancel
+    # the Multi-GPU node: the weights ComfyUI would compute with (nodes/multigpu_weights.py effective_weights), Cancel
     "comfy.model_management.processing_interrupted": (0, ()),
     "comfy.model_management.InterruptProcessingException": None,
     "comfy.lora.calculate_weight": (3, ()),
