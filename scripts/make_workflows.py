@@ -240,6 +240,15 @@ def upscale(g: G, x: int, kind: str, widgets: dict, links: dict, title: str, hei
     return x + 360 + 60
 
 
+def refine_widgets(seed: int, method: str, strength: float, low_memory: bool, **size) -> dict:
+    """The widgets of the High-Res Sampler (advanced) and the Super-Resolution node: `size`
+    (scale_by, width, height, stages) and the reference's sampling and refinement settings."""
+    return {**size, "seed": seed, "steps": 50, "cfg": 7.5, "sampler_name": "euler", "scheduler": "normal",
+            "method": method, "upscale_strength": strength, "strength_schedule": "auto", "upscale_method": "pixel",
+            "cosine_scale_1": 3.0, "cosine_scale_2": 1.0, "cosine_scale_3": 1.0, "gaussian_sigma": 0.8,
+            "anchor_stats": "auto", "low_memory": low_memory, "vae_tile_size": 2048}
+
+
 def save_final(g: G, x: int, prefix: str, tiled: int = 0, source=(9, 0), save_id: int = 11) -> None:
     """[VAE Decode (10) ->] Save (11): the final image."""
     if source == (9, 0):
@@ -327,10 +336,7 @@ def wf_sd15_16k(oi):
                    {"seed": 3, "steps": 50, "cfg": 7.5, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0},
                    "LinFusion/sd15_1k")
     x = upscale(g, x, "LinFusionHighResSamplerAdvanced",
-                {"scale_by": 16.0, "width": 0, "height": 0, "seed": 3, "steps": 50, "cfg": 7.5, "sampler_name": "euler",
-                 "scheduler": "normal", "method": "sdedit", "upscale_strength": 0.4, "strength_schedule": "auto",
-                 "upscale_method": "pixel", "cosine_scale_1": 3.0, "cosine_scale_2": 1.0, "cosine_scale_3": 1.0,
-                 "gaussian_sigma": 0.8, "anchor_stats": "auto", "low_memory": True, "vae_tile_size": 2048},
+                refine_widgets(3, "sdedit", 0.4, True, scale_by=16.0, width=0, height=0),
                 {"model": model, "positive": (3, 0), "negative": (4, 0), "latent_image": (6, 0), "vae": (1, 2)},
                 "High-Res Sampler (advanced)", 660)
     save_final(g, x, "LinFusion/sd15_16k", tiled=2048)
@@ -351,10 +357,7 @@ def wf_sdxl_4k(oi):
                    {"seed": 42, "steps": 50, "cfg": 7.5, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0},
                    "LinFusion/sdxl_1k")
     x = upscale(g, x, "LinFusionHighResSamplerAdvanced",
-                {"scale_by": 4.0, "width": 0, "height": 0, "seed": 42, "steps": 50, "cfg": 7.5, "sampler_name": "euler",
-                 "scheduler": "normal", "method": "demofusion", "upscale_strength": 0.32, "strength_schedule": "auto",
-                 "upscale_method": "pixel", "cosine_scale_1": 3.0, "cosine_scale_2": 1.0, "cosine_scale_3": 1.0,
-                 "gaussian_sigma": 0.8, "anchor_stats": "auto", "low_memory": False, "vae_tile_size": 2048},
+                refine_widgets(42, "demofusion", 0.32, False, scale_by=4.0, width=0, height=0),
                 {"model": model, "positive": (3, 0), "negative": (4, 0), "latent_image": (6, 0), "vae": (1, 2)},
                 "High-Res Sampler (DemoFusion-style)", 660)
     save_final(g, x, "LinFusion/sdxl_4k", tiled=1024)
@@ -377,11 +380,7 @@ def wf_sdxl_sr(oi):
     g.node(5, "LoadImage", (PROMPT_X, y), (340, 420), "Image to upscale", {"image": "example.png"})
     prompt_group(g, top, y + 420, "Prompt and image")
     x = upscale(g, BASE_X, "LinFusionSuperResolution",
-                {"scale_by": 2.0, "width": 0, "height": 0, "stages": "single", "seed": 123, "steps": 50, "cfg": 7.5,
-                 "sampler_name": "euler", "scheduler": "normal", "method": "demofusion", "upscale_strength": 0.32,
-                 "strength_schedule": "auto", "upscale_method": "pixel", "cosine_scale_1": 3.0, "cosine_scale_2": 1.0,
-                 "cosine_scale_3": 1.0, "gaussian_sigma": 0.8, "anchor_stats": "auto", "low_memory": False,
-                 "vae_tile_size": 2048},
+                refine_widgets(123, "demofusion", 0.32, False, scale_by=2.0, width=0, height=0, stages="single"),
                 {"model": model, "positive": (3, 0), "negative": (4, 0), "image": (5, 0), "vae": (1, 2)},
                 "Super-Resolution", 700, nid=6)
     save_final(g, x, "LinFusion/sdxl_superres_x2", source=(6, 0), save_id=7)
