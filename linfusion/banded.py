@@ -213,6 +213,29 @@ def group_affine(norm: nn.GroupNorm, mean: torch.Tensor, m2: torch.Tensor, count
     return a, shift
 
 
+def _concat_affine(norm: nn.GroupNorm, parts: list[torch.Tensor], moments: list | None, rows: int,
+                   affine: Callable) -> tuple[torch.Tensor, torch.Tensor]:
+    """GroupNorm of the parts' concatenation as a per-channel affine map (a, shift), each (B, C, 1, 1) fp32."""
+    device, dtype = parts[0].device, parts[0].dtype
+    moments = list(moments or [None] * len(parts))
+    stats = [m if m is not None else channel_moments(p, rows) for p, m in zip(parts, moments)]
+    mean = torch.cat([s[0].to(device) for s in stats], 1)
+    m2 = torch.cat([s[1].to(device) for s in stats], 1)
+    ref = torch.empty(0, dtype=dtype, device=device)
+    gamma, beta = affine(norm, ref)
+    h, w = parts[0].shape[2:]
+    a, shift = (t[..., None, None] for t in group_affine(norm, mean, m2, h * w, gamma, beta))
+    return a, shift
+
+
+def _gather_rows(parts: list[torch.Tensor], lo: int, hi: int, carry: torch.Tensor | None, kept: int) -> torch.Tensor:
+    """Rows lo:hi of the parts' concatenation on the first part's device; `carry`: its first `kept` rows there."""
+    band = torch.cat([p[:, :, lo:hi].to(parts[0].device, non_blocking=True) for p in parts], 1)
+    if carry is not None:  # rows above r0 of the first part were overwritten by the last band
+        band[:, :carry.shape[1], :kept] = carry
+    return band
+
+
 def split_input_resblock(block: nn.Module, parts: list[torch.Tensor], emb: torch.Tensor,
                          moments: list | None = None, band_bytes: int | None = None,
                          affine: Callable = _default_affine, overwrite_first: bool = False) -> torch.Tensor:
@@ -235,15 +258,9 @@ def split_input_resblock(block: nn.Module, parts: list[torch.Tensor], emb: torch
     dtype = parts[0].dtype
     b, _, h, w = parts[0].shape
     c = sum(p.shape[1] for p in parts)
-    norm, conv = block.in_layers[0], block.in_layers[2]
+    conv = block.in_layers[2]
     rows = max(8, (band_bytes or BAND_BYTES) // max(1, b * c * w * parts[0].element_size()))
-    moments = list(moments or [None] * len(parts))
-    stats = [m if m is not None else channel_moments(p, rows) for p, m in zip(parts, moments)]
-    mean = torch.cat([s[0].to(device) for s in stats], 1)
-    m2 = torch.cat([s[1].to(device) for s in stats], 1)
-    ref = torch.empty(0, dtype=dtype, device=device)
-    gamma, beta = affine(norm, ref)
-    a, shift = (t[..., None, None] for t in group_affine(norm, mean, m2, h * w, gamma, beta))
+    a, shift = _concat_affine(block.in_layers[0], parts, moments, rows, affine)
     pad = conv.padding[0]
     h_in = out = carry = None
     first = parts[0]
@@ -251,9 +268,7 @@ def split_input_resblock(block: nn.Module, parts: list[torch.Tensor], emb: torch
     for r0 in range(0, h, rows):
         r1 = min(h, r0 + rows)
         lo, hi = max(0, r0 - pad), min(h, r1 + pad)
-        band = torch.cat([p[:, :, lo:hi].to(device, non_blocking=True) for p in parts], 1)
-        if carry is not None:  # rows above r0 of the first part were overwritten by the last band
-            band[:, :carry.shape[1], :r0 - lo] = carry
+        band = _gather_rows(parts, lo, hi, carry, r0 - lo)
         s = block.skip_connection(band[:, :, r0 - lo:r1 - lo])
         if out is None:
             if overwrite_first and first.shape[1] >= s.shape[1] and first.dtype == s.dtype:
