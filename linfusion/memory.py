@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 
-from .lowmem import MIN_CHUNK_BYTES
+from .banded import MIN_CHUNK_BYTES
 
 # MiB per latent element (batch x latent height x width) per byte of the compute dtype, times
 # the model's memory-usage factor: 0.007 gives 0.88x the tracker's peak for SD1.x/2.x and

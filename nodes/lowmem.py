@@ -1,5 +1,6 @@
-"""ComfyUI glue for the low-memory UNet tricks of linfusion/lowmem.py: one context manager,
-`low_memory_unet`, that the high-res sampler holds around a stage's sampling call.
+"""ComfyUI glue for the low-memory UNet tricks of linfusion/lowmem.py (and its banded pieces,
+linfusion/banded.py): one context manager, `low_memory_unet`, that the high-res sampler holds
+around a stage's sampling call.
 
 While it is active:
 * the ResBlocks of the UNet's two highest-resolution levels run GroupNorm -> SiLU -> conv in
@@ -28,7 +29,7 @@ import comfy.patcher_extension
 import torch
 from comfy.ldm.modules.attention import SpatialTransformer
 
-from ..linfusion import lowmem
+from ..linfusion import banded, lowmem
 from ..linfusion.lowmem import LowMemory
 from ..linfusion.memory import low_memory_inference_bytes
 
@@ -45,7 +46,7 @@ def _affine(norm: torch.nn.Module, x: torch.Tensor):
             getattr(norm, "bias_function", None):
         w, b = comfy.ops.cast_bias_weight(norm, x, dtype=torch.float32)[:2]
         return w, b
-    return lowmem._default_affine(norm, x)
+    return banded._default_affine(norm, x)
 
 
 def low_memory_wrapper(parking: lowmem.SkipParking | None, concat: lowmem.SkipConcat | None = None):
@@ -122,14 +123,14 @@ def banded_unet(unet: torch.nn.Module, model_options: dict | None, settings: Low
         compute = comfy.model_management.get_torch_device()
         park_device = None if torch.device(compute).type == "cpu" else torch.device("cpu")
     parking = lowmem.SkipParking(park_device) if park_device is not None and model_options is not None else None
-    blocks = lowmem.top_level_resblocks(unet, settings.levels)
+    blocks = banded.top_level_resblocks(unet, settings.levels)
     concat = lowmem.SkipConcat(unet, blocks, min_chunk_bytes) if model_options is not None else None
     with ExitStack() as stack:
-        stack.enter_context(lowmem.chunked_resblocks(blocks, min_bytes=min_chunk_bytes, affine=_affine,
+        stack.enter_context(banded.chunked_resblocks(blocks, min_bytes=min_chunk_bytes, affine=_affine,
                                                      pending=None if concat is None else concat.take))
-        stack.enter_context(lowmem.banded_upsamples(lowmem.top_level_upsamples(unet, settings.levels),
+        stack.enter_context(banded.banded_upsamples(banded.top_level_upsamples(unet, settings.levels),
                                                     min_bytes=min_chunk_bytes))
-        stack.enter_context(lowmem.banded_sequences([getattr(unet, "out", None)], min_bytes=min_chunk_bytes,
+        stack.enter_context(banded.banded_sequences([getattr(unet, "out", None)], min_bytes=min_chunk_bytes,
                                                     affine=_affine))
         stack.enter_context(lowmem.token_chunked_linfusion(unet))
         stack.enter_context(lowmem.chunked_token_forward(lowmem.cross_attention_layers(unet), settings.token_chunks,

@@ -163,7 +163,7 @@ def test_high_res_low_memory_and_dilated_pass_compile_without_breaks(node_classe
     to the banded resnets; skip connections parked (on the CPU, from 0 bytes). The eager run
     shows these ran; the compiled run has no break from the pack, exactly two graphs (local
     and dilated: the only recompilation is for the convs' dilation) and equals eager."""
-    lm, LM, H = lf.lowmem, pack.nodes.lowmem, pack.nodes.highres
+    lm, bd, LM, H = lf.lowmem, lf.banded, pack.nodes.lowmem, pack.nodes.highres
     made = {"SkipParking": [], "SkipConcat": []}
     for name, kw in (("SkipParking", {"min_bytes": 0}), ("SkipConcat", {})):
         cls = getattr(lm, name)
@@ -174,7 +174,7 @@ def test_high_res_low_memory_and_dilated_pass_compile_without_breaks(node_classe
 
         monkeypatch.setattr(lm, name, make)
     monkeypatch.setattr(LM, "PARK_DEVICE", "cpu")
-    monkeypatch.setattr(lm, "MIN_CHUNK_BYTES", 0)
+    monkeypatch.setattr(bd, "MIN_CHUNK_BYTES", 0)
     monkeypatch.setattr(lm, "PROJECTION_CHUNK_TOKENS", 32)
     streamed = []
     own_streamed = lm.token_chunked_linfusion_forward

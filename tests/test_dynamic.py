@@ -491,7 +491,7 @@ def test_dynamic_newest_unet_forward_keeps_the_low_memory_bands(lf, pack, monkey
     before the fix the skip-consumed case raised AttributeError in SkipConcat."""
     from test_lowmem import TOL, _inputs, linfusion_unet
 
-    lm = lf.lowmem
+    lm, bd = lf.lowmem, lf.banded
     unet = linfusion_unet(lf, "sd15")
     monkeypatch.setattr(unet, "_forward", types.MethodType(newest_forward, unet))
     x, t, ctx, y = _inputs("sd15")
@@ -502,13 +502,13 @@ def test_dynamic_newest_unet_forward_keeps_the_low_memory_bands(lf, pack, monkey
         ref = unet(x, t, ctx, y, transformer_options={"patches": patches})
         banded, deferred = [], []
         for name, calls in (("chunked_norm_act_conv", banded), ("split_input_resblock", deferred)):
-            own = getattr(lm, name)
-            monkeypatch.setattr(lm, name, lambda *a, _own=own, _calls=calls, **k: _calls.append(1) or _own(*a, **k))
-        monkeypatch.setattr(lm, "BAND_BYTES", 1)
+            own = getattr(bd, name)
+            monkeypatch.setattr(bd, name, lambda *a, _own=own, _calls=calls, **k: _calls.append(1) or _own(*a, **k))
+        monkeypatch.setattr(bd, "BAND_BYTES", 1)
         mo = {"transformer_options": {"patches": patches}}
         with pack.nodes.lowmem.low_memory_unet(unet, mo, lm.LowMemory(min_chunk_bytes=0), park_device=None):
             out = unet(x, t, ctx, y, transformer_options=mo["transformer_options"])
-    n_blocks = len(lm.top_level_resblocks(unet, 2))
+    n_blocks = len(bd.top_level_resblocks(unet, 2))
     # every ResBlock of the two top levels banded (2 norm-act-convs each, 1 inside a deferred one)
     # and the out head; the 6 decoder blocks there take their skip in bands unless it was consumed
     assert (len(banded), len(deferred)) == ((2 * n_blocks + 1, 0) if consumed else (2 * n_blocks - 6 + 1, 6))

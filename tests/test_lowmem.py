@@ -1,4 +1,4 @@
-"""Low-memory UNet tricks (linfusion/lowmem.py, nodes/lowmem.py): banded GroupNorm+SiLU+conv
+"""Low-memory UNet tricks (linfusion/lowmem.py, linfusion/banded.py, nodes/lowmem.py): banded GroupNorm+SiLU+conv
 resnets and skip connections parked off-device give the plain results, and every patch is
 undone, also after an interrupt.
 
@@ -30,12 +30,17 @@ def lm(lf):
 
 
 @pytest.fixture(scope="module")
+def bd(lf):
+    return lf.banded
+
+
+@pytest.fixture(scope="module")
 def LM(pack):
     return pack.nodes.lowmem
 
 
 @pytest.mark.parametrize("dilation", [1, 3])
-def test_banded_norm_act_conv_equals_full(lm, dilation):
+def test_banded_norm_act_conv_equals_full(bd, dilation):
     """conv(silu(group_norm(x))) over bands of 8 rows (halo = the conv's padding) against the
     unbanded layers; also accumulating into an existing tensor."""
     g = torch.Generator().manual_seed(0)
@@ -47,19 +52,19 @@ def test_banded_norm_act_conv_equals_full(lm, dilation):
         norm.bias.normal_(0, 0.1, generator=g)
         ref = conv(F.silu(norm(x)))
         x_before = x.clone()
-        out = lm.chunked_norm_act_conv(norm, conv, x, band_bytes=1)  # 8-row bands: 5 of them
+        out = bd.chunked_norm_act_conv(norm, conv, x, band_bytes=1)  # 8-row bands: 5 of them
         assert torch.equal(x, x_before)  # the input is never changed in place
         assert out.shape == ref.shape and (out - ref).abs().max() <= TOL
         base = torch.randn(ref.shape, generator=g)
-        acc = lm.chunked_norm_act_conv(norm, conv, x, band_bytes=1, out=base.clone(), accumulate=True)
+        acc = bd.chunked_norm_act_conv(norm, conv, x, band_bytes=1, out=base.clone(), accumulate=True)
         assert (acc - (base + ref)).abs().max() <= TOL
-        mean, rstd = lm.group_stats(x, 32, norm.eps, rows=8)
+        mean, rstd = bd.group_stats(x, 32, norm.eps, rows=8)
         xs = x.view(2, 32, -1)
         assert (mean.flatten() - xs.mean(-1).flatten()).abs().max() < 1e-5
         assert (rstd.flatten() - (xs.var(-1, unbiased=False) + norm.eps).rsqrt().flatten()).abs().max() < 1e-5
 
 
-def test_top_level_resblocks_by_layout(lm):
+def test_top_level_resblocks_by_layout(bd):
     """The two highest levels' ResBlocks: SD1.5/2.1 input blocks 1, 2, 4, 5 and output blocks 6-11;
     SDXL (no attention at level 0) input 1, 2, 4, 5 and output 3-8."""
     for kind, want in (("sd15", ["input_blocks.1", "input_blocks.2", "input_blocks.4", "input_blocks.5"]
@@ -68,9 +73,9 @@ def test_top_level_resblocks_by_layout(lm):
                         + [f"output_blocks.{i}" for i in range(3, 9)])):
         unet = helpers.base_model(kind, meta=True).diffusion_model
         names = {id(m): n for n, m in unet.named_modules()}
-        got = [names[id(m)].rsplit(".", 1)[0] for m in lm.top_level_resblocks(unet, 2)]
+        got = [names[id(m)].rsplit(".", 1)[0] for m in bd.top_level_resblocks(unet, 2)]
         assert got == want, kind
-        assert all(lm.chunkable(m) for m in lm.top_level_resblocks(unet, 2))
+        assert all(bd.chunkable(m) for m in bd.top_level_resblocks(unet, 2))
 
 
 def _inputs(kind, hw=(48, 40)):
@@ -95,10 +100,10 @@ def linfusion_unet(lf, kind):
 
 
 @pytest.mark.parametrize("kind", ["sd15", "sd21", "sdxl"])
-def test_low_memory_unet_equals_plain(lf, lm, LM, kind, monkeypatch):
+def test_low_memory_unet_equals_plain(lf, lm, bd, LM, kind, monkeypatch):
     """Small layouts with LinFusion, fp32: parking alone is bit-exact (copies); banded resnets,
     token-chunked LinFusion projections and parking together within 1e-5 (GroupNorm's
-    normalisation is written out in fp32, see linfusion/lowmem.py; row subsets of a matmul may
+    normalisation is written out in fp32, see linfusion/banded.py; row subsets of a matmul may
     round differently). The parking hook runs once per input block, the skips come back once
     each, bytes moved = 2x the skips; 2 banded norm-act-convs per ResBlock of the two highest
     levels; each LinFusion layer projects in ceil(tokens / 64) chunks."""
@@ -119,11 +124,11 @@ def test_low_memory_unet_equals_plain(lf, lm, LM, kind, monkeypatch):
         ref = unet(x, t, ctx, y, transformer_options={"patches": {"input_block_patch": [record]}})
     assert len(skips) == len(unet.input_blocks) and len(tokens) == len(q_calls) == len(layers) > 0
     banded = []
-    own = lm.chunked_norm_act_conv
-    monkeypatch.setattr(lm, "chunked_norm_act_conv", lambda *a, **k: banded.append(1) or own(*a, **k))
-    monkeypatch.setattr(lm, "BAND_BYTES", 1)  # 8-row bands
+    own = bd.chunked_norm_act_conv
+    monkeypatch.setattr(bd, "chunked_norm_act_conv", lambda *a, **k: banded.append(1) or own(*a, **k))
+    monkeypatch.setattr(bd, "BAND_BYTES", 1)  # 8-row bands
     monkeypatch.setattr(lm, "PROJECTION_CHUNK_TOKENS", 64)
-    n_blocks = len(lm.top_level_resblocks(unet, 2))
+    n_blocks = len(bd.top_level_resblocks(unet, 2))
     with torch.no_grad():
         mo = {}
         with LM.low_memory_unet(unet, mo, lm.LowMemory(min_chunk_bytes=1 << 40), park_device="cpu") as park:
@@ -137,10 +142,10 @@ def test_low_memory_unet_equals_plain(lf, lm, LM, kind, monkeypatch):
         q_calls.clear()
         mo = {}
         deferred, ups = [], []
-        own_split = lm.split_input_resblock
-        monkeypatch.setattr(lm, "split_input_resblock", lambda *a, **k: deferred.append(1) or own_split(*a, **k))
-        own_up = lm.banded_upsample_forward
-        monkeypatch.setattr(lm, "banded_upsample_forward", lambda *a, **k: ups.append(1) or own_up(*a, **k))
+        own_split = bd.split_input_resblock
+        monkeypatch.setattr(bd, "split_input_resblock", lambda *a, **k: deferred.append(1) or own_split(*a, **k))
+        own_up = bd.banded_upsample_forward
+        monkeypatch.setattr(bd, "banded_upsample_forward", lambda *a, **k: ups.append(1) or own_up(*a, **k))
         with LM.low_memory_unet(unet, mo, lm.LowMemory(min_chunk_bytes=0), park_device="cpu") as park:
             park.min_bytes = 0
             out = unet(x, t, ctx, y, transformer_options=mo["transformer_options"])
@@ -149,7 +154,7 @@ def test_low_memory_unet_equals_plain(lf, lm, LM, kind, monkeypatch):
                 unet.output_blocks[-2][0].out_layers[3].register_forward_pre_hook(lambda *_: 1 / 0)
                 unet(x, t, ctx, y, transformer_options=mo["transformer_options"])
             unet.output_blocks[-2][0].out_layers[3]._forward_pre_hooks.clear()
-        n_ups = sum(1 for m in lm.top_level_upsamples(unet, 2) if lm.is_upsample(m))
+        n_ups = sum(1 for m in bd.top_level_upsamples(unet, 2) if bd.is_upsample(m))
         assert mo == {}
     # the 6 output blocks of the two highest levels take their skip concatenation in bands
     # (split_input_resblock: in_layers and the skip inside it, out_layers banded as usual);
@@ -187,7 +192,7 @@ def _state(model, unet):
     }
 
 
-def test_patches_undone_after_sampling_and_interrupt(pack, LM, lm, monkeypatch):
+def test_patches_undone_after_sampling_and_interrupt(pack, LM, lm, bd, monkeypatch):
     """Through the high-res sampler with low_memory (parking forced on the CPU, tiny bands): the
     same result as without, the parking hook ran, and nothing stays on the model or in the
     options, after a normal run, an interrupt from the progress bar, and an exception raised
@@ -196,8 +201,8 @@ def test_patches_undone_after_sampling_and_interrupt(pack, LM, lm, monkeypatch):
     model = helpers.small_model("sd15")
     unet = model.model.diffusion_model
     monkeypatch.setattr(LM, "PARK_DEVICE", "cpu")
-    monkeypatch.setattr(lm, "MIN_CHUNK_BYTES", 0)
-    monkeypatch.setattr(lm, "BAND_BYTES", 1)
+    monkeypatch.setattr(bd, "MIN_CHUNK_BYTES", 0)
+    monkeypatch.setattr(bd, "BAND_BYTES", 1)
     parks = []
     own_park = lm.SkipParking.park
     monkeypatch.setattr(lm.SkipParking, "park", lambda self, h, o=None: parks.append(1) or own_park(self, h, o))
@@ -312,7 +317,7 @@ def test_low_memory_estimate_while_sampling_and_restored(lf, pack, LM, node_clas
     assert low_est < normal_est / 4
 
 
-def test_banded_norm_through_comfy_weight_casting(lm, LM):
+def test_banded_norm_through_comfy_weight_casting(bd, LM):
     """A GroupNorm of ComfyUI's casting ops (partially loaded / LoRA-patched models keep weights
     elsewhere or in another dtype): the banded path takes gamma/beta through ComfyUI's cast and
     still equals the layer itself."""
@@ -327,7 +332,7 @@ def test_banded_norm_through_comfy_weight_casting(lm, LM):
     x = torch.randn(1, 64, 24, 16, generator=g)
     with torch.no_grad():
         ref = conv(F.silu(norm(x)))
-        out = lm.chunked_norm_act_conv(norm, conv, x, band_bytes=1, affine=LM._affine)
+        out = bd.chunked_norm_act_conv(norm, conv, x, band_bytes=1, affine=LM._affine)
     assert (out - ref).abs().max() <= TOL
 
 
@@ -344,7 +349,7 @@ def _resblock(channels, out_channels, emb=24):
     return block
 
 
-def test_split_input_resblock_equals_block_on_the_concatenation(lm, LM):
+def test_split_input_resblock_equals_block_on_the_concatenation(bd, LM):
     """block(cat([h, skip]), emb) against the ResBlock itself, fp32, 8-row bands: with the
     moments measured inside and handed in (as parking measures them); 96 channels in 32 groups
     of 3, so the group of channels 63-65 straddles the two parts (the combined moments must be
@@ -352,7 +357,7 @@ def test_split_input_resblock_equals_block_on_the_concatenation(lm, LM):
     import comfy.ops  # noqa: F401
 
     block = _resblock(96, 64)
-    assert lm.chunkable(block)
+    assert bd.chunkable(block)
     g = torch.Generator().manual_seed(6)
     h = torch.randn(2, 64, 29, 17, generator=g) * 2 + 3
     skip = torch.randn(2, 32, 29, 17, generator=g) - 1
@@ -360,22 +365,22 @@ def test_split_input_resblock_equals_block_on_the_concatenation(lm, LM):
     with torch.no_grad():
         ref = block(torch.cat([h, skip], 1), emb)
         h0, s0 = h.clone(), skip.clone()
-        for moments in (None, [lm.channel_moments(h, 8), lm.channel_moments(skip, 5)]):
+        for moments in (None, [bd.channel_moments(h, 8), bd.channel_moments(skip, 5)]):
             parts = [h, skip]
-            out = lm.split_input_resblock(block, parts, emb, moments, band_bytes=1, affine=LM._affine)
+            out = bd.split_input_resblock(block, parts, emb, moments, band_bytes=1, affine=LM._affine)
             assert parts == [] and torch.equal(h, h0) and torch.equal(skip, s0)
             assert out.shape == ref.shape and (out - ref).abs().max() <= TOL
         mine = h.clone()  # overwrite_first: the output goes into the first part's storage, rows as they finish
         parts = [mine, skip]
-        out = lm.split_input_resblock(block, parts, emb, None, band_bytes=1, affine=LM._affine, overwrite_first=True)
+        out = bd.split_input_resblock(block, parts, emb, None, band_bytes=1, affine=LM._affine, overwrite_first=True)
         assert out.untyped_storage().data_ptr() == mine.untyped_storage().data_ptr()
         assert (out - ref).abs().max() <= TOL and torch.equal(skip, s0)
-        mean, m2 = lm.channel_moments(skip, 4)
+        mean, m2 = bd.channel_moments(skip, 4)
         assert (mean - skip.mean((2, 3))).abs().max() < 1e-6
         assert (m2 - (skip - skip.mean((2, 3), keepdim=True)).square().sum((2, 3))).abs().max() < 1e-3
 
 
-def test_banded_upsample_equals_layer(lm):
+def test_banded_upsample_equals_layer(bd):
     """Nearest x2 + conv over 8-row bands of the output (odd and even band starts, the conv's
     halo) against the Upsample layer; an explicit output_shape other than 2x, and small maps,
     take the layer's own forward."""
@@ -389,10 +394,10 @@ def test_banded_upsample_equals_layer(lm):
             prm.copy_(torch.randn(prm.shape, generator=g) * 0.2)
         x = torch.randn(1, 24, 19, 11, generator=g)
         ref = up(x)
-        fwd = lm.banded_upsample_forward(up, band_bytes=1, min_bytes=0)
+        fwd = bd.banded_upsample_forward(up, band_bytes=1, min_bytes=0)
         out = fwd(x)
         assert out.shape == ref.shape == (1, 16, 38, 22) and (out - ref).abs().max() <= TOL
         assert (fwd(x, output_shape=(1, 16, 38, 22)) - ref).abs().max() <= TOL
         odd = up(x, output_shape=(1, 16, 37, 22))
         assert torch.equal(fwd(x, output_shape=(1, 16, 37, 22)), odd)  # the layer's own path
-        assert torch.equal(lm.banded_upsample_forward(up, band_bytes=1)(x), ref)  # below MIN_CHUNK_BYTES
+        assert torch.equal(bd.banded_upsample_forward(up, band_bytes=1)(x), ref)  # below MIN_CHUNK_BYTES

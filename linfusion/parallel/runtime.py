@@ -18,7 +18,7 @@ from torch import nn
 
 from ..attention import LinFusionAttention
 from ..forwards import calling, forwards_replaced
-from .geometry import BandParallelError, Bands, ConvPlan, conv_geometry, conv_plan, split_rows
+from .geometry import BandParallelError, Bands, ConvPlan, Halo, conv_geometry, conv_plan, split_rows
 
 DEFAULT_TIMEOUT_S = 120.0
 OTHER_ATTENTION = ("gather", "error")
@@ -151,11 +151,7 @@ class BandParallel:
         k, s, p, d, pw = conv_geometry(m)
         if x.ndim != 4 or (k == 1 and s == 1 and p == 0):
             return orig(x)  # 1x1 convs are per pixel
-        bands = self._level(x.shape[-2], m)
-        key = (bands, k, s, p, d)
-        plan = self._plans.get(key)
-        if plan is None:
-            plan = self._plans[key] = conv_plan(bands, k, s, p, d)
+        plan = self._conv_plan(self._level(x.shape[-2], m), k, s, p, d)
         self._register(plan.out, m)
         me = plan.halos[self.rank]
         works, top, bot = self._exchange(x, plan, m)
@@ -197,25 +193,38 @@ class BandParallel:
             # travel. On CPU this is the faster form: each oneDNN conv call re-lays out its
             # weights, so three calls per conv cost a third more CPU time (measured, SD1.5
             # layout, 64 channels, 1024 px: bench/RESULTS.md).
-            b, c, _, w = x.shape
-            n_in = min(length, me.top_zeros + (0 if top is None else top.shape[2]) + xl.shape[2]
-                       + (0 if bot is None else bot.shape[2]) + me.bottom_zeros)
-            full = x.new_empty(b, c, n_in, w)
-            end = min(n_in, t + xl.shape[2])
-            full[:, :, t:end].copy_(xl[:, :, :end - t])
-            full[:, :, :me.top_zeros].zero_()
-            full[:, :, end + (0 if bot is None else bot.shape[2]):].zero_()
-            self._wait(works, m)
-            if top is not None:
-                full[:, :, me.top_zeros:t].copy_(top)
-            if bot is not None and end < n_in:
-                full[:, :, end:end + bot.shape[2]].copy_(bot[:, :, :n_in - end])
-            parts.append(run(full))
+            parts.append(run(self._assembled_rows(xl, me, t, length, top, bot, works, m)))
         out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
         if out.shape[-2] != n_out:
             raise BandParallelError(f"band-parallel rank {self.rank}: {self._name(m)!r} made {out.shape[-2]} "
                                     f"rows, expected {n_out} (an internal geometry error)")
         return out
+
+    def _conv_plan(self, bands: Bands, k: int, s: int, p: int, d: int) -> ConvPlan:
+        """The halo plan of a conv geometry at one level, made once and kept."""
+        key = (bands, k, s, p, d)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = conv_plan(bands, k, s, p, d)
+        return plan
+
+    def _assembled_rows(self, xl: torch.Tensor, me: Halo, t: int, length: int, top: torch.Tensor | None,
+                        bot: torch.Tensor | None, works: list, m: nn.Module) -> torch.Tensor:
+        """The conv's input rows in one tensor: band and zero rows written while the halos travel, then the halos."""
+        b, c, _, w = xl.shape
+        n_in = min(length, me.top_zeros + (0 if top is None else top.shape[2]) + xl.shape[2]
+                   + (0 if bot is None else bot.shape[2]) + me.bottom_zeros)
+        full = xl.new_empty(b, c, n_in, w)
+        end = min(n_in, t + xl.shape[2])
+        full[:, :, t:end].copy_(xl[:, :, :end - t])
+        full[:, :, :me.top_zeros].zero_()
+        full[:, :, end + (0 if bot is None else bot.shape[2]):].zero_()
+        self._wait(works, m)
+        if top is not None:
+            full[:, :, me.top_zeros:t].copy_(top)
+        if bot is not None and end < n_in:
+            full[:, :, end:end + bot.shape[2]].copy_(bot[:, :, :n_in - end])
+        return full
 
     def _split_convs(self, x: torch.Tensor) -> bool:
         return x.device.type != "cpu" if self.overlap is None else self.overlap
