@@ -70,12 +70,15 @@ def group_stats(x: torch.Tensor, groups: int, eps: float, rows: int) -> tuple[to
     return mean, rstd
 
 
+def rows_per_band(row_bytes: int, band_bytes: int | None = None) -> int:
+    """Rows per band so that a band of rows of `row_bytes` bytes each holds about `band_bytes`
+    bytes (default BAND_BYTES), at least 8 rows."""
+    return max(8, (band_bytes or BAND_BYTES) // max(1, row_bytes))
+
+
 def band_rows(x: torch.Tensor, band_bytes: int | None = None) -> int:
-    """Rows per band so that a band of x (B, C, H, W) holds about `band_bytes` bytes (default
-    BAND_BYTES), at least 8 rows."""
-    band_bytes = band_bytes or BAND_BYTES
-    row = x.shape[0] * x.shape[1] * x.shape[3] * x.element_size()
-    return max(8, band_bytes // max(1, row))
+    """rows_per_band for x (B, C, H, W)."""
+    return rows_per_band(x.shape[0] * x.shape[1] * x.shape[3] * x.element_size(), band_bytes)
 
 
 def _same_size_conv(conv: nn.Module) -> bool:
@@ -259,7 +262,7 @@ def split_input_resblock(block: nn.Module, parts: list[torch.Tensor], emb: torch
     b, _, h, w = parts[0].shape
     c = sum(p.shape[1] for p in parts)
     conv = block.in_layers[2]
-    rows = max(8, (band_bytes or BAND_BYTES) // max(1, b * c * w * parts[0].element_size()))
+    rows = rows_per_band(b * c * w * parts[0].element_size(), band_bytes)  # a row of the concatenation
     a, shift = _concat_affine(block.in_layers[0], parts, moments, rows, affine)
     pad = conv.padding[0]
     h_in = out = carry = None
@@ -325,7 +328,7 @@ def banded_upsample_forward(up: nn.Module, band_bytes: int | None = None, min_by
                 or 4 * x.numel() * x.element_size() < limit):
             return own(x, output_shape=output_shape)
         pad = up.conv.padding[0]
-        rows = max(8, (band_bytes or BAND_BYTES) // max(1, x.shape[0] * x.shape[1] * w * x.element_size()))
+        rows = rows_per_band(x.shape[0] * x.shape[1] * w * x.element_size(), band_bytes)  # a row of the output
         rows += rows % 2
         out = None
         for r0 in range(0, h, rows):
