@@ -375,36 +375,17 @@ def fetch(url: str, dest: Path, *, limit: int, size: int | None = None, headers:
         start = last = time.monotonic()
         while True:
             check_interrupt()
-            try:
-                kind, value = reader.events.get(timeout=POLL)
-            except queue.Empty:
-                kind, value = None, None
+            kind, value = _next_event(reader)
             now = time.monotonic()
-            if kind is None:
-                if now - last >= wait:
-                    raise DownloadError(f"no data for {wait:.0f} s after {done} bytes (stalled connection; "
-                                        f"{TIMEOUT_ENV} sets the limit)")
-            else:
+            _check_pace(kind, now - last, now - start, done, wait, rate)
+            if kind is not None:
                 last = now
-            if rate > 0 and done > 0 and now - start >= wait and done < rate * (now - start) and kind != "end":
-                raise DownloadError(
-                    f"{done} bytes in {now - start:.0f} s, an average of {done / (now - start) / 1024:.2f} KiB/s, "
-                    f"below the minimum of {rate / 1024:g} KiB/s ({MIN_RATE_ENV} sets it; 0 turns this rule off)")
             if kind == "head":
-                length = value.get("Content-Length")
-                announced = int(length) if length and length.strip().isdigit() else None
-                if announced is not None and announced > limit:
-                    raise DownloadError(f"the server announces {announced} bytes, more than the {limit} expected "
-                                        "of this file: refused before the first byte")
-                if announced is not None and size is not None and announced != size:
-                    raise DownloadError(f"the server announces {announced} bytes, the hub's metadata {size}")
-                total = announced if announced is not None else size
+                total = _announced_total(value, limit, size)
                 out = _create(dest)
                 reader.go.set()
             elif kind == "data":
-                if done + len(value) > limit:
-                    what = "the hub announced" if size is not None else "the most this file can have"
-                    raise DownloadError(f"the server sent more than {limit} bytes, {what}: stopped there")
+                _check_bound(done + len(value), limit, size)
                 _write(out, value, total or limit)
                 digest.update(value)
                 done += len(value)
@@ -419,15 +400,62 @@ def fetch(url: str, dest: Path, *, limit: int, size: int | None = None, headers:
             raise DownloadError(f"connection closed after {done} of {total} bytes")
         return done, digest.hexdigest()
     except BaseException:
-        if out is not None:
-            try:
-                out.close()
-            except OSError:  # what a full disk still holds in the buffer
-                pass
-        dest.unlink(missing_ok=True)
+        _discard(out, dest)
         raise
     finally:
         reader.close()
+
+
+def _next_event(reader: _Reader) -> tuple[str | None, object]:
+    """The reader's next (kind, value), or (None, None) when none came within POLL seconds."""
+    try:
+        return reader.events.get(timeout=POLL)
+    except queue.Empty:
+        return None, None
+
+
+def _stalled(wait: float, done: int) -> str:
+    """The message of a connection that sent no byte for `wait` seconds."""
+    return f"no data for {wait:.0f} s after {done} bytes (stalled connection; {TIMEOUT_ENV} sets the limit)"
+
+
+def _check_pace(kind: str | None, idle: float, elapsed: float, done: int, wait: float, rate: float) -> None:
+    """Raise DownloadError on a stall (no event for `wait` s) or a crawl (below `rate` after `wait` s)."""
+    if kind is None and idle >= wait:
+        raise DownloadError(_stalled(wait, done))
+    if rate > 0 and done > 0 and elapsed >= wait and done < rate * elapsed and kind != "end":
+        raise DownloadError(
+            f"{done} bytes in {elapsed:.0f} s, an average of {done / elapsed / 1024:.2f} KiB/s, "
+            f"below the minimum of {rate / 1024:g} KiB/s ({MIN_RATE_ENV} sets it; 0 turns this rule off)")
+
+
+def _announced_total(headers, limit: int, size: int | None) -> int | None:
+    """The file's length from the response's Content-Length (else `size`), checked against both."""
+    length = headers.get("Content-Length")
+    announced = int(length) if length and length.strip().isdigit() else None
+    if announced is not None and announced > limit:
+        raise DownloadError(f"the server announces {announced} bytes, more than the {limit} expected "
+                            "of this file: refused before the first byte")
+    if announced is not None and size is not None and announced != size:
+        raise DownloadError(f"the server announces {announced} bytes, the hub's metadata {size}")
+    return announced if announced is not None else size
+
+
+def _check_bound(received: int, limit: int, size: int | None) -> None:
+    """Raise DownloadError when the bytes `received` so far pass `limit`."""
+    if received > limit:
+        what = "the hub announced" if size is not None else "the most this file can have"
+        raise DownloadError(f"the server sent more than {limit} bytes, {what}: stopped there")
+
+
+def _discard(out, dest: Path) -> None:
+    """What a failed transfer leaves: close the file (if opened) and remove it."""
+    if out is not None:
+        try:
+            out.close()
+        except OSError:  # what a full disk still holds in the buffer
+            pass
+    dest.unlink(missing_ok=True)
 
 
 def _transfer_failure(exc: BaseException, done: int, wait: float, started: bool) -> str:
@@ -435,7 +463,7 @@ def _transfer_failure(exc: BaseException, done: int, wait: float, started: bool)
         hint = " (no such file in that repository)" if exc.code == 404 else ""
         return f"HTTP {exc.code} {exc.reason}{hint}"
     if isinstance(exc, TimeoutError):
-        return f"no data for {wait:.0f} s after {done} bytes (stalled connection; {TIMEOUT_ENV} sets the limit)"
+        return _stalled(wait, done)
     if not started and isinstance(exc, (urllib.error.URLError, OSError)):
         return f"cannot connect ({getattr(exc, 'reason', exc)})"
     if isinstance(exc, (http.client.HTTPException, OSError)):

@@ -290,22 +290,10 @@ def test_server_lists_the_workflows_as_templates(comfy_server):
 
 
 # -- what newer ComfyUIs pass and build ------------------------------------------------------------
-def put_weights(lf, linfusion_dir, model):
-    unet = model.get_model_object("diffusion_model")
-    mods = helpers.lf_modules(lf, "sd15", unet)
-    return helpers.write_official(linfusion_dir / lf.FAMILIES["sd1"].folder_name, lf, mods,
-                                  helpers.random_state(lf, mods))
-
-
-def apply(node_classes, model, softmax_max_tokens=0):
-    out = node_classes["ApplyLinFusion"].execute(model, "auto", softmax_max_tokens)
-    return helpers.first_output(out)
-
-
 def test_memory_required_accepts_what_newer_callers_pass(lf, pack, node_classes, sd15, linfusion_dir):
     """Newer memory helpers call memory_required with more positional and keyword arguments."""
-    put_weights(lf, linfusion_dir, sd15)
-    patched = apply(node_classes, sd15)
+    helpers.put_weights(lf, linfusion_dir, "sd15", sd15)
+    patched = helpers.apply(node_classes, sd15, "auto")
     shape = [2, 4, 512, 512]
     expected = pack.nodes.apply.linfusion_memory_required(sd15.model, shape)
     seen = []
@@ -348,7 +336,7 @@ class LazyLinear(comfy.ops.disable_weight_init.Linear):
 def test_layers_build_with_ops_that_defer_weight_creation(lf, sd15, linfusion_dir):
     unet = sd15.model.diffusion_model
     mods = helpers.lf_modules(lf, "sd15", unet)
-    weights = lf.load_weights(put_weights(lf, linfusion_dir, sd15))
+    weights = lf.load_weights(helpers.put_weights(lf, linfusion_dir, "sd15", sd15))
     plan = lf.plan_replacements(weights, unet)[:2]
     originals = {r.path: unet.get_submodule(r.path) for r in plan}
     assert LazyLinear(4, 4).weight is None  # the stand-in really defers

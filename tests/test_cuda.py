@@ -4,6 +4,7 @@ them with LINFUSION_TEST_GPU=1, ComfyUI in GPU mode)."""
 from __future__ import annotations
 
 import comfy.model_management
+import helpers
 import pytest
 import test_hybrid as th
 import torch
@@ -32,7 +33,7 @@ def test_hybrid_lora_on_the_gpu(node_classes, hybrid_case):  # noqa: F811  (the 
     if comfy.model_management.get_torch_device().type != "cuda":
         pytest.skip("ComfyUI is in CPU mode here: run with LINFUSION_TEST_GPU=1 (scripts/gpu_check.py)")
     model, pristine, lora, loraed = hybrid_case
-    hybrid = th.apply(node_classes, model, 4096).clone()
+    hybrid = helpers.apply(node_classes, model, "auto", 4096).clone()
     hybrid.add_patches(lora, 1.0)
 
     def probe():

@@ -34,7 +34,6 @@ import helpers
 import pytest
 import torch
 from comfy.ldm.modules.diffusionmodules.util import timestep_embedding
-from test_compat import apply, put_weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -257,14 +256,14 @@ def fresh(lf, node_classes, linfusion_dir):
     (classic) ModelPatcher: plain, fresh Apply LinFusion (hybrid at 0 or 16 tokens), either with
     the LoRA of `lora`. Also writes the LinFusion weights (the same random values every time,
     so the outputs are cached)."""
-    put_weights(lf, linfusion_dir, loader())
+    helpers.put_weights(lf, linfusion_dir, "sd15", loader())
 
     def ref(kind: str, hybrid: int = 0, lora_on: bool = False):
         key = (kind, hybrid, lora_on)
         if key not in REFERENCES:
             m = loader(disable_dynamic=True)
             if kind == "lf":
-                m = apply(node_classes, m, hybrid)
+                m = helpers.apply(node_classes, m, "auto", hybrid)
             REFERENCES[key] = sample(with_lora(m, lora(m)) if lora_on else m)
             comfy.model_management.unload_all_models()
         return REFERENCES[key]
@@ -306,7 +305,7 @@ def test_dynamic_plain_after_linfusion_and_unload_is_the_plain_model(node_classe
     fresh("lf", hybrid), fresh("plain")  # references first: building them unloads every model
     base = loader()
     before = unet_state(base)
-    patched = apply(node_classes, base, hybrid)
+    patched = helpers.apply(node_classes, base, "auto", hybrid)
     backups = set()
     assert torch.equal(sample(patched, backups), fresh("lf", hybrid))
     assert any(".attn1.to_q_.1." in k for k in backups)  # LinFusion's LayerNorms are force-loaded
@@ -328,7 +327,7 @@ def test_dynamic_linfusion_after_plain_is_a_fresh_apply(node_classes, fresh):
     to_out weights are written into LinFusion's layers."""
     fresh("lf"), fresh("plain")
     base = loader()
-    patched = apply(node_classes, base)
+    patched = helpers.apply(node_classes, base, "auto")
     assert torch.equal(sample(base), fresh("plain"))
     assert torch.equal(sample(patched), fresh("lf"))
     assert torch.equal(sample(base), fresh("plain"))
@@ -343,9 +342,9 @@ def test_dynamic_lora_added_and_removed(node_classes, fresh, hybrid):
         fresh(*ref)
     base = loader()
     patches = lora(base)
-    patched = apply(node_classes, base, hybrid)
+    patched = helpers.apply(node_classes, base, "auto", hybrid)
     lora_after = with_lora(patched, patches)
-    lora_before = apply(node_classes, with_lora(base, patches), hybrid)
+    lora_before = helpers.apply(node_classes, with_lora(base, patches), "auto", hybrid)
     plain_lora = with_lora(base, patches)
     for model, ref in [(lora_after, ("lf", hybrid, True)), (base, ("plain",)), (patched, ("lf", hybrid)),
                        (plain_lora, ("plain", 0, True)), (lora_before, ("lf", hybrid, True)),
@@ -361,7 +360,7 @@ def test_dynamic_hooked_conds_delegate_has_its_own_layers(node_classes, fresh):
     the first one's patched weights (the LoRA twice)."""
     fresh("lf", 0, True), fresh("plain")
     base = loader()
-    patched = with_lora(apply(node_classes, base), lora(base))
+    patched = with_lora(helpers.apply(node_classes, base, "auto"), lora(base))
     assert torch.equal(sample(patched), fresh("lf", 0, True))
     delegate = patched.get_non_dynamic_delegate()
     assert not isinstance(delegate, DynamicPatcher) and delegate.model is not patched.model
@@ -384,7 +383,7 @@ def test_dynamic_multigpu_deepclone_has_its_own_layers(pack, node_classes, fresh
     first one's LoRA'd weights again."""
     fresh("lf", hybrid, True), fresh("plain")
     base = loader()
-    patched = with_lora(apply(node_classes, base, hybrid), lora(base))
+    patched = with_lora(helpers.apply(node_classes, base, "auto", hybrid), lora(base))
     clone = patched.deepclone_multigpu()
     assert clone.model is not patched.model
     assert torch.equal(sample(patched), fresh("lf", hybrid, True))
@@ -425,7 +424,7 @@ def test_dynamic_memory_estimates_take_the_newest_keywords(lf, pack, node_classe
     and the low-memory one (nodes/lowmem.py low_memory_estimate, the High-Res sampler's) take them
     all; before the fix the low-memory one raised TypeError on `memory_efficient_attention`."""
     fresh("lf")
-    m = apply(node_classes, loader()).clone()
+    m = helpers.apply(node_classes, loader(), "auto").clone()
     m.add_wrapper(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, pack.nodes.lowmem.low_memory_estimate())
     shape = [2, 4, 64, 64]
     seen = []
@@ -553,11 +552,11 @@ def test_dynamic_config_patches_on_comfy_attention(node_classes, fresh):
         m.comfy_attention = ComfyAttention()
     children = {n: m.comfy_attention for n, m in own.items()}
     before = unet_state(base)
-    after = apply(node_classes, base).clone()
+    after = helpers.apply(node_classes, base, "auto").clone()
     assert config_patch(after, "after") == 16
     configured = base.clone()
     assert config_patch(configured, "before") == 16
-    first = apply(node_classes, configured)
+    first = helpers.apply(node_classes, configured, "auto")
     for model, ref in [(after, "lf"), (base, "plain"), (first, "lf"), (configured, "plain"), (after, "lf")]:
         assert torch.equal(sample(model), fresh(ref)), ref
     comfy.model_management.unload_all_models()

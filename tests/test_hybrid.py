@@ -18,18 +18,6 @@ PATH = "input_blocks.1.1.transformer_blocks.0.attn1"  # SD1.5's first level: 256
 TENSORS = ("to_q.weight", "to_k.weight", "to_v.weight", "to_out.0.weight", "to_out.0.bias")
 
 
-def put_weights(lf, linfusion_dir, model):
-    unet = model.get_model_object("diffusion_model")
-    mods = helpers.lf_modules(lf, "sd15", unet)
-    return helpers.write_official(linfusion_dir / lf.FAMILIES["sd1"].folder_name, lf, mods,
-                                  helpers.random_state(lf, mods))
-
-
-def apply(node_classes, model, softmax_max_tokens):
-    out = node_classes["ApplyLinFusion"].execute(model, "auto", softmax_max_tokens)
-    return helpers.first_output(out)
-
-
 def lora_for(model, scale=0.2, seed=3) -> dict:
     """A 'diff' patch on every attention tensor of the layer at PATH (ComfyUI keys)."""
     g = torch.Generator().manual_seed(seed)
@@ -67,7 +55,7 @@ def softmax_path_error(patcher, want: dict) -> float:
 @pytest.fixture
 def hybrid_case(lf, node_classes, linfusion_dir):
     model = helpers.small_model("sd15")
-    put_weights(lf, linfusion_dir, model)
+    helpers.put_weights(lf, linfusion_dir, "sd15", model)
     pristine = pristine_attn_weights(model)
     lora = lora_for(model)
     loraed = {t: pristine[t] + lora[f"diffusion_model.{PATH}.{t}"][1][0] for t in TENSORS}
@@ -88,9 +76,9 @@ def test_softmax_path_computes_with_the_lora_weights(node_classes, hybrid_case, 
     if lora_first:
         m = model.clone()
         m.add_patches(lora, 1.0)
-        hybrid = apply(node_classes, m, 4096)
+        hybrid = helpers.apply(node_classes, m, "auto", 4096)
     else:
-        hybrid = apply(node_classes, model, 4096).clone()
+        hybrid = helpers.apply(node_classes, model, "auto", 4096).clone()
         hybrid.add_patches(lora, 1.0)
     # no ON_LOAD callback: the softmax layer's patches are ComfyUI's own, on its own keys
     assert not any(hybrid.callbacks.get(CallbacksMP.ON_LOAD, {}).values())
@@ -101,7 +89,7 @@ def test_softmax_path_computes_with_the_lora_weights(node_classes, hybrid_case, 
     after = pristine_attn_weights(model)
     assert all(torch.equal(after[t], pristine[t]) for t in TENSORS)
     # and without the LoRA the softmax path is the model's own attention again
-    plain_hybrid = apply(node_classes, model, 4096)
+    plain_hybrid = helpers.apply(node_classes, model, "auto", 4096)
     assert during_sampling(plain_hybrid, lambda: softmax_path_error(plain_hybrid, pristine)) < 2e-5
 
 
@@ -109,7 +97,7 @@ def test_lora_added_after_a_sampled_and_still_loaded_hybrid_model(node_classes, 
     """The hybrid model samples (and stays loaded), then a LoRA clone of it samples: ComfyUI
     re-patches, and the softmax path follows; the first model is unchanged afterwards."""
     model, pristine, lora, loraed = hybrid_case
-    hybrid = apply(node_classes, model, 4096)
+    hybrid = helpers.apply(node_classes, model, "auto", 4096)
     assert during_sampling(hybrid, lambda: softmax_path_error(hybrid, pristine)) < 2e-5
     with_lora = hybrid.clone()
     with_lora.add_patches(lora, 1.0)
@@ -123,7 +111,7 @@ def test_lowvram_per_layer_patching_reaches_the_softmax_path(pack, node_classes,
     """Low-VRAM loading leaves weights unpatched and applies the patches per operation (as
     Dynamic VRAM does for every layer): the softmax layer's mirrored patches work that way too."""
     model, pristine, lora, loraed = hybrid_case
-    hybrid = apply(node_classes, model, 4096).clone()
+    hybrid = helpers.apply(node_classes, model, "auto", 4096).clone()
     hybrid.add_patches(lora, 1.0)
     pack.nodes.apply.mirror_patches_to_softmax(hybrid, [PATH])  # what the sampling wrapper does
     hybrid.patch_model(device_to=torch.device("cpu"), lowvram_model_memory=1)
@@ -141,7 +129,7 @@ def test_a_copy_of_the_model_uses_its_own_softmax_layers(node_classes, hybrid_ca
     """ComfyUI may sample a deep copy of the model (one per GPU): the kept softmax layer is bound
     to the copy actually sampled, not to the model the node saw."""
     model, pristine, lora, loraed = hybrid_case
-    hybrid = apply(node_classes, model, 4096).clone()
+    hybrid = helpers.apply(node_classes, model, "auto", 4096).clone()
     hybrid.add_patches(lora, 1.0)
     copied = hybrid.clone()
     copied.backup = {}
