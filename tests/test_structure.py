@@ -1,10 +1,12 @@
-"""The pack's layering, checked on the source: linfusion/ never imports ComfyUI or the glue, and
-loading the glue leaves ComfyUI's own top-level `nodes` module where ComfyUI put it."""
+"""The pack's structure, checked on the source: linfusion/ never imports ComfyUI or the glue,
+loading the glue leaves ComfyUI's own top-level `nodes` module where ComfyUI put it, and no file
+or function of linfusion/ and nodes/ grows past the size limits."""
 
 from __future__ import annotations
 
 import ast
 import importlib.machinery
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -64,3 +66,38 @@ def test_multigpu_keeps_comfyui_nodes_first_on_the_path(pack, monkeypatch):
     assert Path(found.origin).resolve() == comfy_nodes
     lf = importlib.machinery.PathFinder.find_spec("linfusion", sys.path)
     assert Path(lf.origin).resolve() == REPO / "linfusion" / "__init__.py"
+
+
+MAX_FILE_LINES, MAX_FUNCTION_LINES = 550, 60  # the structure's limits (scripts/code_stats.py prints the sizes)
+
+
+def _code_stats():
+    spec = importlib.util.spec_from_file_location("code_stats", REPO / "scripts" / "code_stats.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.pure
+def test_no_file_or_function_past_the_size_limits():
+    """Every file of linfusion/ and nodes/ within MAX_FILE_LINES lines and every function
+    (methods and nested functions included) within MAX_FUNCTION_LINES: one job a file, named
+    steps in a function. Past a limit, split by job (docs/architecture.md)."""
+    stats = _code_stats()
+    files = sorted(p for d in ("linfusion", "nodes") for p in (REPO / d).rglob("*.py"))
+    assert len(files) >= 30
+    long_files = [f"{p.relative_to(REPO)}: {n} lines" for p in files
+                  if (n := len(p.read_text().splitlines())) > MAX_FILE_LINES]
+    long_fns = [f"{p.relative_to(REPO)}:{name}: {n} lines" for p in files
+                for n, _, name in stats.functions(p) if n > MAX_FUNCTION_LINES]
+    assert not long_files and not long_fns, "\n".join(long_files + long_fns)
+
+
+@pytest.mark.pure
+def test_function_scan_measures_methods_and_nested_functions(tmp_path):
+    """The scan itself: a method and a function nested in it are measured, with their lines and branches."""
+    f = tmp_path / "x.py"
+    body = "".join(f"        y = {i}\n" for i in range(58))
+    f.write_text(f"class A:\n    def m(self, x):\n        if x:\n            pass\n{body}"
+                 "        def inner():\n            return [i for i in x if i]\n")
+    assert sorted(_code_stats().functions(f)) == [(2, 3, "A.m.inner"), (63, 2, "A.m")]
