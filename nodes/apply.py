@@ -24,17 +24,17 @@ from ..linfusion.patching import (
 )
 from . import loaders, weights_store
 from .highres_checks import check_number
+from .loaders import UNET_PREFIX
 from .schema import CATEGORY, DISPLAY_NAMES, schema
 
 log = logging.getLogger("ComfyUI-LinFusion")
-PREFIX = "diffusion_model."
 # LoRA-patchable tensors of a self-attention layer, by ComfyUI key suffix.
 ATTN_TENSORS = ("to_q.weight", "to_k.weight", "to_v.weight", "to_out.0.weight", "to_out.0.bias")
 
 
 def original_layer(model, path: str):
     """The model's own attention module at `path`, even while a LinFusion clone is loaded."""
-    name = PREFIX + path
+    name = UNET_PREFIX + path
     obj = model.object_patches_backup.get(name)
     if obj is None:
         obj = comfy.utils.get_attr(model.model, name)
@@ -45,7 +45,7 @@ def original_layer(model, path: str):
 
 def softmax_key_pairs(paths: list[str]) -> list[tuple[str, str]]:
     """(attn1 key, kept softmax layer's key) for every LoRA-patchable tensor of the layers at `paths`."""
-    return [(f"{PREFIX}{p}.{t}", f"{PREFIX}{p}.softmax_attn.{t}") for p in paths for t in ATTN_TENSORS]
+    return [(f"{UNET_PREFIX}{p}.{t}", f"{UNET_PREFIX}{p}.softmax_attn.{t}") for p in paths for t in ATTN_TENSORS]
 
 
 def _mirror(patches: dict, pairs: list[tuple[str, str]]) -> bool:
@@ -90,7 +90,7 @@ def bind_softmax_layers(patcher, paths: list[str]) -> None:
     `patcher` wraps, which may be another copy than the one the node saw (ComfyUI can re-create
     the model, e.g. a deep copy per GPU)."""
     for path in paths:
-        layer = patcher.object_patches.get(PREFIX + path)
+        layer = patcher.object_patches.get(UNET_PREFIX + path)
         if isinstance(layer, LinFusionAttention) and layer.softmax_attn is not None:
             orig = original_layer(patcher, path)
             if layer.softmax_attn is not orig:
@@ -190,7 +190,7 @@ def apply_linfusion(model, weights_choice: str, softmax_max_tokens: int = 0):
     layers = build(model, weights)
     m = model.clone()
     for path_, layer in layers.items():
-        m.add_object_patch(PREFIX + path_, layer)
+        m.add_object_patch(UNET_PREFIX + path_, layer)
     if softmax_max_tokens > 0:
         mirror_patches_to_softmax(m, list(layers))
     m.add_wrapper(WrappersMP.OUTER_SAMPLE, sampling_wrapper(list(layers), softmax_max_tokens,

@@ -39,7 +39,7 @@ import torch
 
 from ..linfusion.attention import LinFusionAttention
 
-PREFIX = "diffusion_model."
+UNET_PREFIX = "diffusion_model."  # the UNet's keys in a ModelPatcher (object patches, weight patches, backups)
 INJECTION_KEY = "linfusion_backups"
 
 
@@ -56,11 +56,11 @@ def settle_backups(patcher, paths: Iterable[str], pick: Callable[[str, torch.nn.
     prefixes = []
     for path in paths:
         try:
-            current = comfy.utils.get_attr(model, PREFIX + path)
+            current = comfy.utils.get_attr(model, UNET_PREFIX + path)
         except AttributeError:
             continue
         if pick(path, current):
-            prefixes.append(PREFIX + path + ".")
+            prefixes.append(UNET_PREFIX + path + ".")
     if not prefixes:
         return 0
     prefixes = tuple(prefixes)
@@ -102,7 +102,7 @@ def settle_before_load(patcher, paths: list[str]) -> int:
     if not is_dynamic(patcher):
         return 0
     return settle_backups(patcher, paths,
-                          lambda path, module: module is not patcher.object_patches.get(PREFIX + path))
+                          lambda path, module: module is not patcher.object_patches.get(UNET_PREFIX + path))
 
 
 class LayerSets:
@@ -125,7 +125,7 @@ class LayerSets:
             self.per_model[clone.model] = layers
             self.mine.update(layers.values())
         for path, layer in layers.items():
-            key = PREFIX + path
+            key = UNET_PREFIX + path
             if clone.object_patches.get(key) in self.mine:
                 clone.object_patches[key] = layer
 

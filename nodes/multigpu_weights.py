@@ -12,8 +12,7 @@ import torch
 
 from ..linfusion import LinFusionAttention
 from ..linfusion.parallel import BandParallelError
-
-UNET_PREFIX = "diffusion_model."  # the UNet's weight keys in a ModelPatcher's patches and backups
+from .loaders import UNET_PREFIX
 
 
 def _weight_patches(patcher) -> tuple[dict, dict]:
