@@ -17,9 +17,11 @@ import comfy.model_management
 import comfy.model_patcher
 import comfy.sample
 import comfy.samplers
+import comfy.sd
 import comfy.supported_models as sm
 import comfy.utils
 import torch
+from comfy.ldm.models.autoencoder import AutoencoderKL
 from safetensors.torch import save_file
 
 _SD15 = dict(
@@ -67,6 +69,22 @@ def small_model(kind: str, seed: int = 0) -> comfy.model_patcher.ModelPatcher:
     fill_random(model, seed)
     dev = comfy.model_management.get_torch_device()
     return comfy.model_patcher.ModelPatcher(model, load_device=dev, offload_device=torch.device("cpu"))
+
+
+def small_vae():
+    """ComfyUI's own VAE class around a narrow AutoencoderKL (SD's layout, widths 32..128,
+    x8 compression): the real encode/decode/tiling code at a fraction of the cost."""
+    dd = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 32,
+          "ch_mult": [1, 2, 4, 4], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
+    ae = AutoencoderKL(ddconfig=dd, embed_dim=4)
+    fill_random(ae, 5)
+    orig = comfy.sd.AutoencoderKL
+    narrow = {"ch": 32, "num_res_blocks": 1}
+    comfy.sd.AutoencoderKL = lambda ddconfig, embed_dim: orig(ddconfig={**ddconfig, **narrow}, embed_dim=embed_dim)
+    try:
+        return comfy.sd.VAE(sd=ae.state_dict())
+    finally:
+        comfy.sd.AutoencoderKL = orig
 
 
 def fill_random(module: torch.nn.Module, seed: int) -> None:

@@ -26,9 +26,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def vae():
-    import test_highres
-
-    return test_highres.small_vae()
+    return helpers.small_vae()
 
 
 @pytest.fixture

@@ -26,9 +26,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def vae():
-    import test_highres
-
-    return test_highres.small_vae()
+    return helpers.small_vae()
 
 
 # -- item 4: too small, out of range, non-finite output ---------------------------------------------
@@ -82,9 +80,7 @@ def test_non_finite_stage_output_is_an_error_naming_the_stage(node_classes):
 
 
 def test_non_finite_vae_decode_is_an_error(node_classes, model):
-    import test_highres
-
-    bad_vae = test_highres.small_vae()
+    bad_vae = helpers.small_vae()
     with torch.no_grad():
         bad_vae.first_stage_model.decoder.conv_out.bias.fill_(math.nan)  # inf would be clamped to 1
     refused(node_classes, SR, sr_kw(model, bad_vae, steps=1), SR_NAME, "VAE decode at the output gave NaN or infinite",
