@@ -83,6 +83,21 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture
+def never_samples(monkeypatch):
+    """Fails the test if anything reaches sampling or the VAE: the checks must come first."""
+    import comfy.sample
+    import comfy.sd
+
+    def boom(*_a, **_k):
+        raise AssertionError("sampling or VAE work started before the inputs were checked")
+
+    monkeypatch.setattr(comfy.sample, "sample_custom", boom)
+    for name in ("encode", "decode", "encode_tiled", "decode_tiled"):
+        monkeypatch.setattr(comfy.sd.VAE, name, boom)
+    return boom
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

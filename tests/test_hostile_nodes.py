@@ -10,13 +10,11 @@ import math
 
 import helpers
 import pytest
-import test_highres_inputs
 import torch
 from helpers import apply, put_weights
-from test_highres_inputs import ADV, SR, adv_kw, latent, refused, sr_kw
+from highres_cases import ADV, SR, adv_kw, latent, refused, sr_kw
 
 ADV_NAME, SR_NAME = "LinFusion High-Res Sampler (advanced)", "LinFusion Super-Resolution"
-never_samples = test_highres_inputs.never_samples  # the fixture: nothing sampled or decoded before the checks
 
 
 @pytest.fixture(scope="module")
