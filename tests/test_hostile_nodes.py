@@ -218,16 +218,14 @@ def test_linked_weights_of_another_type_refused(lf, node_classes, sd15, linfusio
 @pytest.mark.parametrize("where", ["metadata", "config.json"])
 def test_deeply_nested_config_refused_with_a_message(lf, tmp_path, where):
     """Before: RecursionError from json.loads."""
-    from test_hostile_weights import _raw_safetensors
-
     text = "[" * 100_000 + "]" * 100_000
     d = tmp_path / "w"
     d.mkdir()
     f = d / "diffusion_pytorch_model.safetensors"
     if where == "metadata":
-        _raw_safetensors(f, 1, {"linfusion_config": text})
+        helpers.raw_safetensors(f, 1, {"linfusion_config": text})
     else:
-        _raw_safetensors(f, 1)
+        helpers.raw_safetensors(f, 1)
         (d / "config.json").write_text(text)
     with pytest.raises(lf.LinFusionWeightsError, match="is nested too deeply to be a LinFusion config .* download it "
                                                        "again"):
