@@ -48,6 +48,7 @@ LAYOUTS = {
 }
 LF_FAMILY = {"sd15": "sd1", "sd21": "sd2", "sdxl": "sdxl"}
 CONTEXT = {"sd15": 768, "sd21": 1024, "sdxl": 2048}
+LOWMEM_TOL = 1e-5  # fp32 max abs difference the low-memory tricks may make (test_lowmem, test_dynamic)
 
 
 def base_model(kind: str, channels: int | None = None, meta: bool = False):
@@ -154,6 +155,29 @@ def raw_safetensors(path, n_tensors: int, metadata: dict | None = None) -> None:
     blob = json.dumps(header).encode()
     blob += b" " * (-len(blob) % 8)
     path.write_bytes(len(blob).to_bytes(8, "little") + blob + bytes(n_tensors))
+
+
+def unet_inputs(kind: str, hw=(48, 40)):
+    """(x, timesteps, context, y) for a UNet of `kind` called directly: a batch of 2 latents of `hw`,
+    random text context, and for SDXL random `y`."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, *hw, generator=g)
+    t = torch.tensor([500.0, 300.0])
+    ctx = torch.randn(2, 77, CONTEXT[kind], generator=g)
+    y = torch.randn(2, 2816, generator=g) if kind == "sdxl" else None
+    return x, t, ctx, y
+
+
+def linfusion_unet(lf, kind: str):
+    """A small UNet of `kind` with every attn1 replaced by a LinFusion layer with random weights."""
+    unet = small_model(kind).model.diffusion_model.eval()
+    for spec in lf_modules(lf, kind, unet):
+        path = lf.diffusers_to_ldm(spec.name)
+        layer = lf.LinFusionAttention(spec.dim, spec.heads, spec.mid_dim)
+        fill_random(layer, 1)
+        parent, name = path.rsplit(".", 1)
+        setattr(unet.get_submodule(parent), name, layer.eval())
+    return unet
 
 
 def conds(kind: str, batch: int = 1, seed: int = 1, width: int = 512, height: int = 512):
