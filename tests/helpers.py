@@ -48,6 +48,9 @@ LAYOUTS = {
 }
 LF_FAMILY = {"sd15": "sd1", "sd21": "sd2", "sdxl": "sdxl"}
 CONTEXT = {"sd15": 768, "sd21": 1024, "sdxl": 2048}
+# The pack's nodes (node ids, as in ComfyUI's NODE_CLASS_MAPPINGS).
+PACK_NODES = ["ApplyLinFusion", "LinFusionHighResSampler", "LinFusionHighResSamplerAdvanced",
+              "LinFusionSuperResolution", "LinFusionMultiGPU"]
 LOWMEM_TOL = 1e-5  # fp32 max abs difference the low-memory tricks may make (test_lowmem, test_dynamic)
 
 
