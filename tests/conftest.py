@@ -28,6 +28,7 @@ COMFYUI = comfy_env.setup(cpu=os.environ.get("LINFUSION_TEST_GPU") != "1")
 import comfy.model_management  # noqa: E402,F401
 import folder_paths  # noqa: E402
 import helpers  # noqa: E402  (tests/helpers.py: model and weight builders)
+import hybrid_cases  # noqa: E402
 import nodes  # noqa: E402
 
 _loaded = asyncio.run(nodes.load_custom_node(str(REPO)))
@@ -81,6 +82,36 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def never_samples(monkeypatch):
+    """Fails the test if anything reaches sampling or the VAE: the checks must come first."""
+    import comfy.sample
+    import comfy.sd
+
+    def boom(*_a, **_k):
+        raise AssertionError("sampling or VAE work started before the inputs were checked")
+
+    monkeypatch.setattr(comfy.sample, "sample_custom", boom)
+    for name in ("encode", "decode", "encode_tiled", "decode_tiled"):
+        monkeypatch.setattr(comfy.sd.VAE, name, boom)
+    return boom
+
+
+@pytest.fixture
+def hybrid_case(lf, node_classes, linfusion_dir):
+    """(model, pristine, lora, loraed): a small SD1.5 model with LinFusion weights for 'auto' in
+    linfusion_dir, its attention weights at hybrid_cases.PATH, a LoRA on them, and the weights with
+    the LoRA added (tests/hybrid_cases.py)."""
+    model = helpers.small_model("sd15")
+    helpers.put_weights(lf, linfusion_dir, "sd15", model)
+    pristine = hybrid_cases.pristine_attn_weights(model)
+    lora = hybrid_cases.lora_for(model)
+    loraed = {t: pristine[t] + lora[f"diffusion_model.{hybrid_cases.PATH}.{t}"][1][0]
+              for t in hybrid_cases.TENSORS}
+    yield model, pristine, lora, loraed
+    comfy.model_management.unload_all_models()
 
 
 @pytest.fixture(autouse=True)

@@ -17,9 +17,11 @@ import comfy.model_management
 import comfy.model_patcher
 import comfy.sample
 import comfy.samplers
+import comfy.sd
 import comfy.supported_models as sm
 import comfy.utils
 import torch
+from comfy.ldm.models.autoencoder import AutoencoderKL
 from safetensors.torch import save_file
 
 _SD15 = dict(
@@ -46,6 +48,10 @@ LAYOUTS = {
 }
 LF_FAMILY = {"sd15": "sd1", "sd21": "sd2", "sdxl": "sdxl"}
 CONTEXT = {"sd15": 768, "sd21": 1024, "sdxl": 2048}
+# The pack's nodes (node ids, as in ComfyUI's NODE_CLASS_MAPPINGS).
+PACK_NODES = ["ApplyLinFusion", "LinFusionHighResSampler", "LinFusionHighResSamplerAdvanced",
+              "LinFusionSuperResolution", "LinFusionMultiGPU"]
+LOWMEM_TOL = 1e-5  # fp32 max abs difference the low-memory tricks may make (test_lowmem, test_dynamic)
 
 
 def base_model(kind: str, channels: int | None = None, meta: bool = False):
@@ -67,6 +73,22 @@ def small_model(kind: str, seed: int = 0) -> comfy.model_patcher.ModelPatcher:
     fill_random(model, seed)
     dev = comfy.model_management.get_torch_device()
     return comfy.model_patcher.ModelPatcher(model, load_device=dev, offload_device=torch.device("cpu"))
+
+
+def small_vae():
+    """ComfyUI's own VAE class around a narrow AutoencoderKL (SD's layout, widths 32..128,
+    x8 compression): the real encode/decode/tiling code at a fraction of the cost."""
+    dd = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 32,
+          "ch_mult": [1, 2, 4, 4], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
+    ae = AutoencoderKL(ddconfig=dd, embed_dim=4)
+    fill_random(ae, 5)
+    orig = comfy.sd.AutoencoderKL
+    narrow = {"ch": 32, "num_res_blocks": 1}
+    comfy.sd.AutoencoderKL = lambda ddconfig, embed_dim: orig(ddconfig={**ddconfig, **narrow}, embed_dim=embed_dim)
+    try:
+        return comfy.sd.VAE(sd=ae.state_dict())
+    finally:
+        comfy.sd.AutoencoderKL = orig
 
 
 def fill_random(module: torch.nn.Module, seed: int) -> None:
@@ -127,6 +149,40 @@ def write_official(folder: Path, lf, modules, state: dict, early_config: bool = 
     return folder
 
 
+def raw_safetensors(path, n_tensors: int, metadata: dict | None = None) -> None:
+    """A safetensors file of `n_tensors` one-byte int8 tensors, written directly (save_file
+    would take half a minute for 300k tensors)."""
+    header = {f"{i}.x": {"dtype": "I8", "shape": [1], "data_offsets": [i, i + 1]} for i in range(n_tensors)}
+    if metadata:
+        header["__metadata__"] = metadata
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    path.write_bytes(len(blob).to_bytes(8, "little") + blob + bytes(n_tensors))
+
+
+def unet_inputs(kind: str, hw=(48, 40)):
+    """(x, timesteps, context, y) for a UNet of `kind` called directly: a batch of 2 latents of `hw`,
+    random text context, and for SDXL random `y`."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, *hw, generator=g)
+    t = torch.tensor([500.0, 300.0])
+    ctx = torch.randn(2, 77, CONTEXT[kind], generator=g)
+    y = torch.randn(2, 2816, generator=g) if kind == "sdxl" else None
+    return x, t, ctx, y
+
+
+def linfusion_unet(lf, kind: str):
+    """A small UNet of `kind` with every attn1 replaced by a LinFusion layer with random weights."""
+    unet = small_model(kind).model.diffusion_model.eval()
+    for spec in lf_modules(lf, kind, unet):
+        path = lf.diffusers_to_ldm(spec.name)
+        layer = lf.LinFusionAttention(spec.dim, spec.heads, spec.mid_dim)
+        fill_random(layer, 1)
+        parent, name = path.rsplit(".", 1)
+        setattr(unet.get_submodule(parent), name, layer.eval())
+    return unet
+
+
 def conds(kind: str, batch: int = 1, seed: int = 1, width: int = 512, height: int = 512):
     """(positive, negative) ComfyUI conditioning with random text embeddings."""
     g = torch.Generator().manual_seed(seed)
@@ -164,6 +220,17 @@ def attn1_objects(model) -> dict:
     """The UNet's self-attention modules by name (what Apply LinFusion replaces)."""
     unet = model.model.diffusion_model
     return {n: m for n, m in unet.named_modules() if n.endswith(".attn1")}
+
+
+def count_linfusion_layers(model) -> int:
+    """How many self-attention layers of `model` are LinFusion layers once ComfyUI has loaded it
+    (its patches applied; unloaded again afterwards)."""
+    m = model.clone()
+    comfy.model_management.load_models_gpu([m])
+    try:
+        return sum(any(c.__name__ == "LinFusionAttention" for c in type(a).__mro__) for a in attn1_objects(m).values())
+    finally:
+        comfy.model_management.unload_all_models()
 
 
 def sample(model, kind: str, latent_hw=(16, 16), steps: int = 4, seed: int = 42, batch: int = 1,

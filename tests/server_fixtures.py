@@ -82,6 +82,38 @@ def place_sd15(model_dirs: ModelDirs, checkpoint, lf, ckpt_name: str, weights_na
             (dst / f.name).symlink_to(f)
 
 
+# The SD1.5 prompt of test_server and test_install: the random checkpoint placed under CKPT,
+# sampled at SD15_SIZE x SD15_SIZE px in SD15_STEPS steps.
+CKPT = "sd15-random.safetensors"
+SD15_SIZE = 256
+SD15_STEPS = 1
+SD15_SEED = 123
+
+
+def sd15_graph(weights: str | None, prefix: str, seed: int = SD15_SEED) -> dict:
+    """API-format prompt CheckpointLoaderSimple (CKPT) -> ApplyLinFusion (`weights`; None: no such node)
+    -> KSampler -> VAEDecode -> SaveImage (`prefix`), SD15_SIZE px in SD15_STEPS steps."""
+    model = ["ckpt", 0]
+    g = {
+        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT}},
+        "pos": {"class_type": "CLIPTextEncode",
+                "inputs": {"text": "a lighthouse on a cliff at dusk", "clip": ["ckpt", 1]}},
+        "neg": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry, low quality", "clip": ["ckpt", 1]}},
+        "latent": {"class_type": "EmptyLatentImage",
+                   "inputs": {"width": SD15_SIZE, "height": SD15_SIZE, "batch_size": 1}},
+    }
+    if weights is not None:
+        g["linfusion"] = {"class_type": "ApplyLinFusion",
+                          "inputs": {"model": model, "weights": weights, "softmax_max_tokens": 0}}
+        model = ["linfusion", 0]
+    g["sampler"] = {"class_type": "KSampler", "inputs": {
+        "model": model, "seed": seed, "steps": SD15_STEPS, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal",
+        "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["latent", 0], "denoise": 1.0}}
+    g["decode"] = {"class_type": "VAEDecode", "inputs": {"samples": ["sampler", 0], "vae": ["ckpt", 2]}}
+    g["save"] = {"class_type": "SaveImage", "inputs": {"images": ["decode", 0], "filename_prefix": prefix}}
+    return g
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_setup(item):
     item.stash[_LOG_START] = _active[-1].log_size() if _active else 0

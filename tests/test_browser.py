@@ -11,7 +11,7 @@ links), and the API prompt the UI would queue equals the one scripts/run_workflo
 every file a widget names is in the server's lists, and the view the file saves shows the whole
 graph, above the zoom where the UI stops drawing text, in a 1920 x 1080 window (viewport
 1920 x 960). Then one workflow per layout (RUN_IN_PAGE) is queued from the page with the small
-sizes and steps of tests/test_workflows.py's RUNS set in its widgets: it must succeed, its
+sizes and steps of tests/workflow_cases.py's RUNS set in its widgets: it must succeed, its
 output images load in the page (the one of SD1.5 512 -> 2K at the expected sizes), and after
 the UI has grown the samplers to show their previews, no two nodes overlap, every node is still
 inside its group, and still inside the saved view. Before all that, the node search as a user
@@ -35,7 +35,7 @@ import pytest
 import run_workflow as rw
 import server_fixtures
 import standins
-from test_workflows import NAMES, RUNS, expected_sizes, load
+from workflow_cases import NAMES, RUNS, expected_sizes, load
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
@@ -60,7 +60,7 @@ SEARCH = {"upscale": ["LinFusionSuperResolution", *HIRES], "hires": HIRES, "hire
 SEARCH_RANK = {"upscale": 10}
 
 
-# The workflows queued from the page, with sets beyond test_workflows.RUNS. One per layout, to keep
+# The workflows queued from the page, with sets beyond workflow_cases.RUNS. One per layout, to keep
 # the browser test's time small: SD2.1 768 -> 1536 is built by the same functions with the same
 # node sizes as SD1.5 512 -> 2K, and SDXL 1024 -> 4K has the 16K workflow's layout (its
 # CLIPTextEncodeSDXL cannot run on the reduced mode's SD1.5 stand-in either, see
@@ -72,7 +72,7 @@ RUN_IN_PAGE = {"SD1.5 512 to 2K with LinFusion": [], "SD1.5 LoRA and ControlNet 
 
 def run_widgets(name: str, object_info: dict) -> dict:
     """What the test types into the widgets before queueing `name` from the page: the small
-    sizes and steps of test_workflows.RUNS (the runner's --scale and --set) and RUN_IN_PAGE's
+    sizes and steps of workflow_cases.RUNS (the runner's --scale and --set) and RUN_IN_PAGE's
     sets, node id -> widget -> value."""
     run = RUNS[name]
     full = rw.ui_to_api(load(name), object_info)

@@ -6,9 +6,8 @@ from __future__ import annotations
 import comfy.model_management
 import helpers
 import pytest
-import test_hybrid as th
 import torch
-from test_hybrid import hybrid_case  # noqa: F401  (the fixture)
+from hybrid_cases import PATH, TENSORS, during_sampling, pristine_attn_weights, reference_attention
 
 pytestmark = pytest.mark.cuda
 
@@ -27,7 +26,7 @@ def test_linfusion_layer_in_fp16_on_the_gpu_matches_fp32(lf):
     assert (out - ref).abs().max() < 2e-2 * ref.abs().max()
 
 
-def test_hybrid_lora_on_the_gpu(node_classes, hybrid_case):  # noqa: F811  (the fixture imported above)
+def test_hybrid_lora_on_the_gpu(node_classes, hybrid_case):
     """test_hybrid's check with ComfyUI loading the model on the GPU (whole, or per operation
     under Dynamic VRAM where this ComfyUI has it)."""
     if comfy.model_management.get_torch_device().type != "cuda":
@@ -37,15 +36,15 @@ def test_hybrid_lora_on_the_gpu(node_classes, hybrid_case):  # noqa: F811  (the 
     hybrid.add_patches(lora, 1.0)
 
     def probe():
-        layer = hybrid.model.diffusion_model.get_submodule(th.PATH)
+        layer = hybrid.model.diffusion_model.get_submodule(PATH)
         dev = next(layer.softmax_attn.parameters()).device
         x = torch.randn(2, 256, layer.dim, generator=torch.Generator().manual_seed(5))
         with torch.no_grad():
             out = layer(x.to(dev)).cpu()
-        return dev.type, (out - th.reference_attention(x, loraed, layer.softmax_attn.heads)).abs().max().item()
+        return dev.type, (out - reference_attention(x, loraed, layer.softmax_attn.heads)).abs().max().item()
 
-    dev, err = th.during_sampling(hybrid, probe)
+    dev, err = during_sampling(hybrid, probe)
     assert dev == "cuda" and err < 1e-3
     comfy.model_management.unload_all_models()
-    after = th.pristine_attn_weights(model)
-    assert all(torch.equal(after[t], pristine[t]) for t in th.TENSORS)
+    after = pristine_attn_weights(model)
+    assert all(torch.equal(after[t], pristine[t]) for t in TENSORS)

@@ -488,12 +488,10 @@ def test_dynamic_newest_unet_forward_keeps_the_low_memory_bands(lf, pack, monkey
     (forward_timestep_embed_patch handlers only see non-timestep layers: ResBlocks, transformers
     and upsamplers never reach them) and the output equals the same forward without low memory;
     before the fix the skip-consumed case raised AttributeError in SkipConcat."""
-    from test_lowmem import TOL, _inputs, linfusion_unet
-
     lm, bd = lf.lowmem, lf.banded
-    unet = linfusion_unet(lf, "sd15")
+    unet = helpers.linfusion_unet(lf, "sd15")
     monkeypatch.setattr(unet, "_forward", types.MethodType(newest_forward, unet))
-    x, t, ctx, y = _inputs("sd15")
+    x, t, ctx, y = helpers.unet_inputs("sd15")
     middle = lambda args: {"h": args["h"] * 0.5}  # noqa: E731
     consume = lambda h, hsp, to: (torch.cat([h, hsp], dim=1), None)  # noqa: E731
     patches = {"middle_block_after_patch": [middle], **({"output_block_patch": [consume]} if consumed else {})}
@@ -511,7 +509,7 @@ def test_dynamic_newest_unet_forward_keeps_the_low_memory_bands(lf, pack, monkey
     # every ResBlock of the two top levels banded (2 norm-act-convs each, 1 inside a deferred one)
     # and the out head; the 6 decoder blocks there take their skip in bands unless it was consumed
     assert (len(banded), len(deferred)) == ((2 * n_blocks + 1, 0) if consumed else (2 * n_blocks - 6 + 1, 6))
-    assert (out - ref).abs().max() <= TOL
+    assert (out - ref).abs().max() <= helpers.LOWMEM_TOL
 
 
 class ComfyAttention(torch.nn.Module):

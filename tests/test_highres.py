@@ -11,12 +11,10 @@ import math
 import comfy.cli_args
 import comfy.model_management
 import comfy.samplers
-import comfy.sd
 import comfy.utils
 import helpers
 import pytest
 import torch
-from comfy.ldm.models.autoencoder import AutoencoderKL
 
 KIND = "sd15"
 
@@ -111,25 +109,9 @@ def assert_unchanged(model, before):
         assert after[key] == before[key], key
 
 
-def small_vae():
-    """ComfyUI's own VAE class around a narrow AutoencoderKL (SD's layout, widths 32..128,
-    x8 compression): the real encode/decode/tiling code at a fraction of the cost."""
-    dd = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 32,
-          "ch_mult": [1, 2, 4, 4], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
-    ae = AutoencoderKL(ddconfig=dd, embed_dim=4)
-    helpers.fill_random(ae, 5)
-    orig = comfy.sd.AutoencoderKL
-    narrow = {"ch": 32, "num_res_blocks": 1}
-    comfy.sd.AutoencoderKL = lambda ddconfig, embed_dim: orig(ddconfig={**ddconfig, **narrow}, embed_dim=embed_dim)
-    try:
-        return comfy.sd.VAE(sd=ae.state_dict())
-    finally:
-        comfy.sd.AutoencoderKL = orig
-
-
 @pytest.fixture(scope="module")
 def vae():
-    return small_vae()
+    return helpers.small_vae()
 
 
 @pytest.fixture

@@ -12,11 +12,7 @@ import comfy.model_management
 import helpers
 import pytest
 import torch
-
-KIND = "sd15"
-ADV = "LinFusionHighResSamplerAdvanced"
-SIMPLE = "LinFusionHighResSampler"
-SR = "LinFusionSuperResolution"
+from highres_cases import ADV, KIND, SIMPLE, SR, adv_kw, latent, refused, sr_kw
 
 
 @pytest.fixture(scope="module")
@@ -26,56 +22,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def vae():
-    import test_highres
-
-    return test_highres.small_vae()
-
-
-@pytest.fixture
-def never_samples(monkeypatch):
-    """Fails the test if anything reaches sampling or the VAE: the checks must come first."""
-    import comfy.sample
-    import comfy.sd
-
-    def boom(*_a, **_k):
-        raise AssertionError("sampling or VAE work started before the inputs were checked")
-
-    monkeypatch.setattr(comfy.sample, "sample_custom", boom)
-    for name in ("encode", "decode", "encode_tiled", "decode_tiled"):
-        monkeypatch.setattr(comfy.sd.VAE, name, boom)
-    return boom
-
-
-def latent(batch=1, channels=4, hw=(4, 4)):
-    return {"samples": torch.randn(batch, channels, *hw)}
-
-
-def adv_kw(model, vae=None, **over):
-    pos, neg = helpers.conds(KIND)
-    kw = dict(model=model, positive=pos, negative=neg, latent_image=latent(), scale_by=2.0, width=0, height=0,
-              seed=1, steps=4, cfg=5.0, sampler_name="euler", scheduler="normal", method="sdedit",
-              upscale_strength=0.0, strength_schedule="linear", upscale_method="latent", cosine_scale_1=3.0,
-              cosine_scale_2=1.0, cosine_scale_3=1.0, gaussian_sigma=1.0, anchor_stats="auto", low_memory=False,
-              vae_tile_size=2048, vae=vae)
-    kw.update(over)
-    return kw
-
-
-def sr_kw(model, vae, **over):
-    kw = adv_kw(model, vae, upscale_method="pixel", stages="single", image=torch.rand(1, 32, 32, 3))
-    del kw["latent_image"]
-    kw.update(over)
-    return kw
-
-
-def refused(node_classes, node, kw, *fragments):
-    """Run the node; it must raise a ValueError whose text holds every fragment. Returns it."""
-    with torch.inference_mode(), pytest.raises(ValueError) as exc:
-        node_classes[node].execute(**kw)
-    text = str(exc.value)
-    for f in fragments:
-        assert f in text, text
-    return text
+    return helpers.small_vae()
 
 
 # -- item 6: numbers beyond the schema's range, NaN and inf ----------------------------------------

@@ -10,13 +10,11 @@ import math
 
 import helpers
 import pytest
-import test_highres_inputs
 import torch
 from helpers import apply, put_weights
-from test_highres_inputs import ADV, SR, adv_kw, latent, refused, sr_kw
+from highres_cases import ADV, SR, adv_kw, latent, refused, sr_kw
 
 ADV_NAME, SR_NAME = "LinFusion High-Res Sampler (advanced)", "LinFusion Super-Resolution"
-never_samples = test_highres_inputs.never_samples  # the fixture: nothing sampled or decoded before the checks
 
 
 @pytest.fixture(scope="module")
@@ -26,9 +24,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def vae():
-    import test_highres
-
-    return test_highres.small_vae()
+    return helpers.small_vae()
 
 
 # -- item 4: too small, out of range, non-finite output ---------------------------------------------
@@ -82,9 +78,7 @@ def test_non_finite_stage_output_is_an_error_naming_the_stage(node_classes):
 
 
 def test_non_finite_vae_decode_is_an_error(node_classes, model):
-    import test_highres
-
-    bad_vae = test_highres.small_vae()
+    bad_vae = helpers.small_vae()
     with torch.no_grad():
         bad_vae.first_stage_model.decoder.conv_out.bias.fill_(math.nan)  # inf would be clamped to 1
     refused(node_classes, SR, sr_kw(model, bad_vae, steps=1), SR_NAME, "VAE decode at the output gave NaN or infinite",
@@ -224,16 +218,14 @@ def test_linked_weights_of_another_type_refused(lf, node_classes, sd15, linfusio
 @pytest.mark.parametrize("where", ["metadata", "config.json"])
 def test_deeply_nested_config_refused_with_a_message(lf, tmp_path, where):
     """Before: RecursionError from json.loads."""
-    from test_hostile_weights import _raw_safetensors
-
     text = "[" * 100_000 + "]" * 100_000
     d = tmp_path / "w"
     d.mkdir()
     f = d / "diffusion_pytorch_model.safetensors"
     if where == "metadata":
-        _raw_safetensors(f, 1, {"linfusion_config": text})
+        helpers.raw_safetensors(f, 1, {"linfusion_config": text})
     else:
-        _raw_safetensors(f, 1)
+        helpers.raw_safetensors(f, 1)
         (d / "config.json").write_text(text)
     with pytest.raises(lf.LinFusionWeightsError, match="is nested too deeply to be a LinFusion config .* download it "
                                                        "again"):

@@ -14,13 +14,11 @@ import os
 import time
 import tracemalloc
 
-import comfy.model_management
-import comfy.utils
 import helpers
 import huggingface_hub.constants
 import pytest
 import torch
-from helpers import apply, attn1_objects, put_weights
+from helpers import apply, count_linfusion_layers, put_weights, raw_safetensors
 from hub_standin import HubStandIn, point_at, sd15_hub
 from safetensors.torch import save_file
 
@@ -48,24 +46,13 @@ def python_peak(fn) -> int:
         tracemalloc.stop()
 
 
-def _raw_safetensors(path, n_tensors: int, metadata: dict | None = None) -> None:
-    """A safetensors file of `n_tensors` one-byte int8 tensors, written directly (save_file
-    would take half a minute for 300k tensors)."""
-    header = {f"{i}.x": {"dtype": "I8", "shape": [1], "data_offsets": [i, i + 1]} for i in range(n_tensors)}
-    if metadata:
-        header["__metadata__"] = metadata
-    blob = json.dumps(header).encode()
-    blob += b" " * (-len(blob) % 8)
-    path.write_bytes(len(blob).to_bytes(8, "little") + blob + bytes(n_tensors))
-
-
 def test_config_listing_many_layers_is_refused_with_bounded_memory(lf, tmp_path):
     """A 4 MB metadata config listing ~57k layers used to expand into 17 x 57k expected keys
     (26 s, +819 MB); it must be refused from the header's size alone."""
     text = json.dumps({"_class_name": "LinFusion", "modules_list": [_entry(i) for i in range(57_000)]})
     assert len(text) > 4_000_000
     f = tmp_path / "bomb.safetensors"
-    _raw_safetensors(f, 1, {"linfusion_config": text})
+    raw_safetensors(f, 1, {"linfusion_config": text})
     peak = python_peak(lambda: refused(lf, f, r"has a \d+-byte safetensors header"))
     assert peak < 1 << 20, f"refusing a 4 MB header took {peak / 2**20:.1f} MiB of Python memory"
 
@@ -84,12 +71,12 @@ def test_config_json_with_too_many_layers_is_refused_before_expansion(lf, tmp_pa
 
 def test_header_with_300k_tiny_tensors_is_refused_before_reading_them(lf, tmp_path):
     f = tmp_path / "300k.safetensors"
-    _raw_safetensors(f, 300_000)
+    raw_safetensors(f, 300_000)
     with pytest.raises(lf.LinFusionWeightsError, match=r"has a \d+-byte safetensors header"):
         lf.load_weights(f)
     # below the header cap, the tensor count is checked before any tensor is read
     f = tmp_path / "20k.safetensors"
-    _raw_safetensors(f, 20_000)
+    raw_safetensors(f, 20_000)
     with pytest.raises(lf.LinFusionWeightsError, match=r"holds 20000 tensors; .* 17 per layer and at most 70"):
         lf.load_weights(f)
 
@@ -206,15 +193,6 @@ def hub(lf, sd15, linfusion_dir, monkeypatch, tmp_path):
         yield h
 
 
-def _replaced(model) -> int:
-    m = model.clone()
-    comfy.model_management.load_models_gpu([m])
-    try:
-        return sum(any(c.__name__ == "LinFusionAttention" for c in type(a).__mro__) for a in attn1_objects(m).values())
-    finally:
-        comfy.model_management.unload_all_models()
-
-
 def _leftovers(folder) -> list[str]:
     return sorted(p.name for p in folder.rglob("*") if p.name.startswith(".") or p.name.endswith(".partial"))
 
@@ -225,7 +203,7 @@ def test_auto_downloads_beside_user_files_and_deletes_nothing(lf, node_classes, 
     (target / "my_notes" / "readme.txt").write_text("mine")
     (target / "my_lora.safetensors").write_bytes(b"keep me")
     out = apply(node_classes, sd15, "auto")
-    assert _replaced(out) == 16
+    assert count_linfusion_layers(out) == 16
     assert (target / "my_notes" / "readme.txt").read_text() == "mine"
     assert (target / "my_lora.safetensors").read_bytes() == b"keep me"
     for name in ("config.json", "diffusion_pytorch_model.safetensors"):
@@ -238,7 +216,7 @@ def test_auto_into_a_symlinked_folder(lf, node_classes, sd15, linfusion_dir, hub
     store = tmp_path / "big_disk" / "lf15"
     store.mkdir(parents=True)
     (linfusion_dir / "LinFusion-1-5").symlink_to(store, target_is_directory=True)
-    assert _replaced(apply(node_classes, sd15, "auto")) == 16
+    assert count_linfusion_layers(apply(node_classes, sd15, "auto")) == 16
     assert sorted(p.name for p in store.iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
     assert (linfusion_dir / "LinFusion-1-5").is_symlink()
     assert _leftovers(linfusion_dir) == [] and not list(linfusion_dir.glob("*.partial"))
@@ -263,7 +241,7 @@ def test_connection_cut_half_way_leaves_nothing_and_the_next_run_works(lf, node_
     assert list(linfusion_dir.iterdir()) == []
     assert not sd15.object_patches
     hub.mode.clear()
-    assert _replaced(apply(node_classes, sd15, "auto")) == 16
+    assert count_linfusion_layers(apply(node_classes, sd15, "auto")) == 16
 
 
 def test_missing_file_on_the_hub(lf, node_classes, sd15, linfusion_dir, hub):

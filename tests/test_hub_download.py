@@ -21,10 +21,9 @@ import time
 
 import comfy.model_management
 import pytest
-from helpers import apply
+from helpers import apply, count_linfusion_layers
 from hub_standin import COMMIT, HubStandIn, sd15_hub, use_standin
 from huggingface_hub import constants, get_hf_file_metadata, hf_hub_download, hf_hub_url
-from test_hostile_weights import _replaced
 
 REPO = "Yuanshi/LinFusion-1-5"
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -69,7 +68,7 @@ def test_token_goes_to_the_hub_and_not_to_the_cdn(lf, node_classes, sd15, linfus
     """HF_TOKEN (as `hf auth login` would) is sent as huggingface_hub sends it, for a private or
     gated repository; the CDN's signed URL gets no token. The user agent names the pack."""
     monkeypatch.setenv("HF_TOKEN", "hf_standin_secret")
-    assert _replaced(apply(node_classes, sd15, "auto")) == 16
+    assert count_linfusion_layers(apply(node_classes, sd15, "auto")) == 16
     to_hub = [r for r in hub.log if r.server == "hub" and "/resolve/" in r.path]
     to_cdn = [r for r in hub.log if r.server == "cdn"]
     assert {r.method for r in to_hub} == {"HEAD", "GET"} and [r.method for r in to_cdn] == ["GET"]
@@ -87,7 +86,7 @@ def test_files_in_the_hub_cache_are_used_without_any_request(lf, node_classes, s
     cached = {name: hf_hub_download(REPO, name) for name in (CONFIG, WEIGHTS)}
     hub.log.clear()
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    assert _replaced(apply(node_classes, sd15, "auto")) == 16
+    assert count_linfusion_layers(apply(node_classes, sd15, "auto")) == 16
     assert hub.log == []
     target = linfusion_dir / "LinFusion-1-5"
     for name, path in cached.items():
@@ -220,7 +219,7 @@ def test_stale_staging_folders_of_ended_processes_are_removed(lf, node_classes, 
     no_owner = staging("noowner", None, [WEIGHTS])
     mixed = staging("mixed", {"pid": ended.pid, "host": host, "start": None}, [WEIGHTS, "my_notes.txt"])
     (target / "notes.txt").write_text("mine")
-    assert _replaced(apply(node_classes, sd15, "auto")) == 16
+    assert count_linfusion_layers(apply(node_classes, sd15, "auto")) == 16
     assert not dead.exists()
     for kept in (live, other_host, no_owner, mixed):
         assert kept.is_dir() and len(list(kept.iterdir())) >= 1

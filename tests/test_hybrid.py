@@ -13,33 +13,7 @@ import helpers
 import pytest
 import torch
 from comfy.patcher_extension import CallbacksMP
-
-PATH = "input_blocks.1.1.transformer_blocks.0.attn1"  # SD1.5's first level: 256 tokens at 16x16
-TENSORS = ("to_q.weight", "to_k.weight", "to_v.weight", "to_out.0.weight", "to_out.0.bias")
-
-
-def lora_for(model, scale=0.2, seed=3) -> dict:
-    """A 'diff' patch on every attention tensor of the layer at PATH (ComfyUI keys)."""
-    g = torch.Generator().manual_seed(seed)
-    unet = model.model.diffusion_model
-    return {f"diffusion_model.{PATH}.{t}": ("diff", (scale * torch.randn(unet.get_parameter(f"{PATH}.{t}").shape,
-                                                                          generator=g),))
-            for t in TENSORS}
-
-
-def reference_attention(x: torch.Tensor, w: dict, heads: int) -> torch.Tensor:
-    """Softmax self-attention written out: x (B, N, C) with weights w (ComfyUI tensor names)."""
-    b, n, c = x.shape
-    q, k, v = (x @ w[f"to_{t}.weight"].T for t in "qkv")
-    q, k, v = (t.view(b, n, heads, c // heads).transpose(1, 2) for t in (q, k, v))
-    att = torch.softmax(q @ k.transpose(-1, -2) / (c // heads) ** 0.5, dim=-1)
-    out = (att @ v).transpose(1, 2).reshape(b, n, c)
-    return out @ w["to_out.0.weight"].T + w["to_out.0.bias"]
-
-
-def pristine_attn_weights(model) -> dict:
-    unet = model.model.diffusion_model
-    return {t: unet.get_parameter(f"{PATH}.{t}").detach().clone() for t in TENSORS}
+from hybrid_cases import PATH, TENSORS, during_sampling, pristine_attn_weights, reference_attention
 
 
 def softmax_path_error(patcher, want: dict) -> float:
@@ -50,24 +24,6 @@ def softmax_path_error(patcher, want: dict) -> float:
     x = torch.randn(2, 256, layer.dim, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         return (layer(x) - reference_attention(x, want, layer.softmax_attn.heads)).abs().max().item()
-
-
-@pytest.fixture
-def hybrid_case(lf, node_classes, linfusion_dir):
-    model = helpers.small_model("sd15")
-    helpers.put_weights(lf, linfusion_dir, "sd15", model)
-    pristine = pristine_attn_weights(model)
-    lora = lora_for(model)
-    loraed = {t: pristine[t] + lora[f"diffusion_model.{PATH}.{t}"][1][0] for t in TENSORS}
-    yield model, pristine, lora, loraed
-    comfy.model_management.unload_all_models()
-
-
-def during_sampling(patcher, probe):
-    """Run `probe(patcher)` at the first step of a real sampling run of `patcher` (loaded then)."""
-    seen = []
-    helpers.sample(patcher, "sd15", steps=1, callback=lambda step, *_: seen.append(probe()) if step == 0 else None)
-    return seen[0]
 
 
 @pytest.mark.parametrize("lora_first", [True, False], ids=["lora-before-apply", "lora-after-apply"])

@@ -40,6 +40,7 @@ import time
 from pathlib import Path
 
 import checkpoints
+import helpers
 import parallel_checkpoint
 import pytest
 import server_fixtures
@@ -47,8 +48,7 @@ import tomllib
 import torch
 from comfy_server import ComfyServer, comfyui_path
 from PIL import Image
-from test_node_schemas import PACK_NODES
-from test_server import CKPT, sd15_graph
+from server_fixtures import CKPT, sd15_graph
 
 REPO = Path(__file__).resolve().parents[1]
 TOOLS = ["comfyui-manager==4.3", "comfy-cli==1.23.0"]
@@ -173,7 +173,7 @@ class CleanComfyUI:
             assert srv.get_json("/system_stats")["system"]["pytorch_version"] == torch.__version__
             info = srv.object_info()
             ours = sorted(name for name, node in info.items() if node["python_module"] == f"custom_nodes.{folder}")
-            assert ours == sorted(PACK_NODES), srv.log_tail()
+            assert ours == sorted(helpers.PACK_NODES), srv.log_tail()
             fact = f"install {self.install_seconds:.1f} s, server ready in {srv.start_seconds:.1f} s"
             if prompt is not None:
                 checkpoint, weights_folder = prompt

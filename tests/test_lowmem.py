@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-TOL = 1e-5
+TOL = helpers.LOWMEM_TOL
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
@@ -78,27 +78,6 @@ def test_top_level_resblocks_by_layout(bd):
         assert all(bd.chunkable(m) for m in bd.top_level_resblocks(unet, 2))
 
 
-def _inputs(kind, hw=(48, 40)):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 4, *hw, generator=g)
-    t = torch.tensor([500.0, 300.0])
-    ctx = torch.randn(2, 77, helpers.CONTEXT[kind], generator=g)
-    y = torch.randn(2, 2816, generator=g) if kind == "sdxl" else None
-    return x, t, ctx, y
-
-
-def linfusion_unet(lf, kind):
-    """A small UNet of `kind` with every attn1 replaced by a LinFusion layer with random weights."""
-    unet = helpers.small_model(kind).model.diffusion_model.eval()
-    for spec in helpers.lf_modules(lf, kind, unet):
-        path = lf.diffusers_to_ldm(spec.name)
-        layer = lf.LinFusionAttention(spec.dim, spec.heads, spec.mid_dim)
-        helpers.fill_random(layer, 1)
-        parent, name = path.rsplit(".", 1)
-        setattr(unet.get_submodule(parent), name, layer.eval())
-    return unet
-
-
 @pytest.mark.parametrize("kind", ["sd15", "sd21", "sdxl"])
 def test_low_memory_unet_equals_plain(lf, lm, bd, LM, kind, monkeypatch):
     """Small layouts with LinFusion, fp32: parking alone is bit-exact (copies); banded resnets,
@@ -107,9 +86,9 @@ def test_low_memory_unet_equals_plain(lf, lm, bd, LM, kind, monkeypatch):
     round differently). The parking hook runs once per input block, the skips come back once
     each, bytes moved = 2x the skips; 2 banded norm-act-convs per ResBlock of the two highest
     levels; each LinFusion layer projects in ceil(tokens / 64) chunks."""
-    unet = linfusion_unet(lf, kind)
+    unet = helpers.linfusion_unet(lf, kind)
     layers = [m for m in unet.modules() if isinstance(m, lf.LinFusionAttention)]
-    x, t, ctx, y = _inputs(kind)
+    x, t, ctx, y = helpers.unet_inputs(kind)
     tokens, q_calls = [], []
     for m in layers:
         m.register_forward_pre_hook(lambda _m, a: tokens.append(a[0].shape[1]))

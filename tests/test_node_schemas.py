@@ -7,9 +7,7 @@ import dataclasses
 import types
 
 import pytest
-
-PACK_NODES = ["ApplyLinFusion", "LinFusionHighResSampler", "LinFusionHighResSamplerAdvanced",
-              "LinFusionSuperResolution", "LinFusionMultiGPU"]
+from helpers import PACK_NODES
 
 
 def _schema(node_classes, name):

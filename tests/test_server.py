@@ -15,35 +15,10 @@ import pytest
 import server_fixtures
 from comfy_server import PromptFailed, PromptRejected
 from PIL import Image
+from server_fixtures import CKPT, SD15_SIZE, SD15_STEPS, sd15_graph
 
-CKPT = "sd15-random.safetensors"
 # Not the official folder name (LinFusion-1-5), so that 'auto' finds nothing and must download.
 LF_WEIGHTS = "LinFusion-1-5-random"
-SIZE = 256
-STEPS = 1
-SEED = 123
-
-
-def sd15_graph(weights: str | None, prefix: str, seed: int = SEED) -> dict:
-    """API-format prompt; `weights` None: no ApplyLinFusion node."""
-    model = ["ckpt", 0]
-    g = {
-        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT}},
-        "pos": {"class_type": "CLIPTextEncode",
-                "inputs": {"text": "a lighthouse on a cliff at dusk", "clip": ["ckpt", 1]}},
-        "neg": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry, low quality", "clip": ["ckpt", 1]}},
-        "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": SIZE, "height": SIZE, "batch_size": 1}},
-    }
-    if weights is not None:
-        g["linfusion"] = {"class_type": "ApplyLinFusion",
-                          "inputs": {"model": model, "weights": weights, "softmax_max_tokens": 0}}
-        model = ["linfusion", 0]
-    g["sampler"] = {"class_type": "KSampler", "inputs": {
-        "model": model, "seed": seed, "steps": STEPS, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal",
-        "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["latent", 0], "denoise": 1.0}}
-    g["decode"] = {"class_type": "VAEDecode", "inputs": {"samples": ["sampler", 0], "vae": ["ckpt", 2]}}
-    g["save"] = {"class_type": "SaveImage", "inputs": {"images": ["decode", 0], "filename_prefix": prefix}}
-    return g
 
 
 class Run:
@@ -75,7 +50,7 @@ class SD15Server:
     def memo(self, key: str, weights: str | None) -> Run:
         if key not in self.runs:
             self.runs[key] = self.run(sd15_graph(weights, f"sd15/{key}"))
-            server_fixtures.note(f"SD1.5 {SIZE}x{SIZE} {STEPS}-step prompt ({key})",
+            server_fixtures.note(f"SD1.5 {SD15_SIZE}x{SD15_SIZE} {SD15_STEPS}-step prompt ({key})",
                                  f"{self.runs[key].seconds:.1f} s through the server")
         return self.runs[key]
 
@@ -90,7 +65,7 @@ def sd15(comfy_server, model_dirs, sd15_checkpoint, lf) -> SD15Server:
 
 
 def _assert_real_image(run: Run) -> None:
-    assert run.size == (SIZE, SIZE) and run.mode == "RGB"
+    assert run.size == (SD15_SIZE, SD15_SIZE) and run.mode == "RGB"
     px = run.pixels
     assert px.std() > 10, f"pixel std {px.std():.2f}: the image is (nearly) flat"
     assert len(np.unique(px.reshape(-1, 3), axis=0)) > 1000

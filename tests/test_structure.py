@@ -1,6 +1,7 @@
 """The pack's structure, checked on the source: linfusion/ never imports ComfyUI or the glue,
-loading the glue leaves ComfyUI's own top-level `nodes` module where ComfyUI put it, and no file
-or function of linfusion/ and nodes/ grows past the size limits."""
+loading the glue leaves ComfyUI's own top-level `nodes` module where ComfyUI put it, no file
+or function of linfusion/ and nodes/ grows past the size limits, and no module of tests/
+imports a test module."""
 
 from __future__ import annotations
 
@@ -101,3 +102,45 @@ def test_function_scan_measures_methods_and_nested_functions(tmp_path):
     f.write_text(f"class A:\n    def m(self, x):\n        if x:\n            pass\n{body}"
                  "        def inner():\n            return [i for i in x if i]\n")
     assert sorted(_code_stats().functions(f)) == [(2, 3, "A.m.inner"), (63, 2, "A.m")]
+
+
+def imports_of_test_modules(path: Path) -> list[tuple[int, str]]:
+    """(line, module) of every import of a test module (a `test_*` part in the dotted name) in
+    `path`, nested ones included: `import test_x`, `from test_x import y`, `from tests import test_x`."""
+    def is_test(name: str) -> bool:
+        return any(part.startswith("test_") for part in name.split("."))
+
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = "." * node.level + (node.module or "")
+            sep = "" if base.endswith(".") else "."
+            names = [base] if is_test(base) else [f"{base}{sep}{a.name}" for a in node.names]
+        else:
+            continue
+        found += [(node.lineno, n) for n in names if is_test(n)]
+    return sorted(found)
+
+
+@pytest.mark.pure
+def test_no_module_of_tests_imports_a_test_module():
+    """Test modules share builders through helper modules (tests/helpers.py, the fixtures of
+    conftest.py and server_fixtures.py, standins.py, the *_cases.py tables), never by importing
+    one another: a test module's names stay its own, and each module runs alone."""
+    files = sorted((REPO / "tests").glob("*.py"))
+    assert len([p for p in files if p.name.startswith("test_")]) >= 30
+    bad = [f"{p.relative_to(REPO)}:{line}: {name}" for p in files for line, name in imports_of_test_modules(p)]
+    assert not bad, "move what is shared into a helper module:\n" + "\n".join(bad)
+
+
+@pytest.mark.pure
+def test_scan_sees_a_test_module_import(tmp_path):
+    """The scan itself: plain, from-, nested and package imports of a test module are found, others not."""
+    f = tmp_path / "x.py"
+    f.write_text("import helpers\nimport test_a as a\nfrom test_b import x\n\ndef f():\n"
+                 "    from tests.test_c import y\n    from tests import helpers, test_d\n    from . import test_e\n"
+                 "from standins import WorkflowServer\n")
+    assert imports_of_test_modules(f) == [(2, "test_a"), (3, "test_b"), (6, "tests.test_c"), (7, "tests.test_d"),
+                                          (8, ".test_e")]

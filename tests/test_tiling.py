@@ -8,10 +8,10 @@ from __future__ import annotations
 import itertools
 
 import comfy.model_management
+import helpers
 import pytest
 import torch
 import torch.nn.functional as F
-from test_highres import small_vae
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ def test_vae_tiles_decoded_once_and_blend_seamlessly(pack, monkeypatch):
     same tiles. Encode: one call per tile, as close to the whole encode as ComfyUI's tiled encode. An interrupt between
     tiles stops the work."""
     H = pack.nodes.highres
-    vae = small_vae()
+    vae = helpers.small_vae()
     g = torch.Generator().manual_seed(1)
     lat = torch.randn(1, 4, 24, 40, generator=g)
     with torch.inference_mode():  # as ComfyUI runs nodes

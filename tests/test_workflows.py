@@ -8,7 +8,7 @@ joins compatible types; the prompt the runner converts passes ComfyUI's own vali
 (execution.validate_prompt); a Note says what the workflow does and which files it needs.
 
 Runs, per workflow: the runner converts it, scales its pixel sizes down with --scale and
-cuts its steps with --set (both printed by the runner and listed in RUNS below; the two
+cuts its steps with --set (both printed by the runner and listed in tests/workflow_cases.py's RUNS; the two
 advanced samplers also get a constant strength schedule so that every stage is one step),
 queues it on the server and downloads the images, which must have the promised sizes times
 the scale. Stand-ins (tests/standins.py):
@@ -41,7 +41,6 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
@@ -50,56 +49,12 @@ import run_workflow as rw
 import server_fixtures
 import standins
 from PIL import Image
+from workflow_cases import NAMES, RUNS, WORKFLOWS, Run, expected_sizes, load
 
 REPO = Path(__file__).resolve().parents[1]
-WORKFLOWS = REPO / "workflows"
-FILES = sorted(WORKFLOWS.glob("*.json"))
-NAMES = [p.stem for p in FILES]
 OUTPUT = Path(os.environ.get("LINFUSION_TEST_OUTPUT", REPO / "test-output")) / "workflows"
 
 
-@dataclass
-class Run:
-    """How a workflow runs in the test, and what it must produce."""
-
-    family: str  # the model family the workflow is made for
-    scale: float  # the runner's --scale
-    sets: list[str]  # the runner's --set (steps and cfg only)
-    promised: dict[str, tuple[int, int]]  # SaveImage node id -> (width, height) at full size
-    stage_steps: str  # what the step cut leaves, for the reader
-    reduced: bool = False  # SDXL graph run on the SD1.5 stand-in (see the module docstring)
-
-
-IN_W, IN_H = standins.WorkflowServer.INPUT_IMAGE_SIZE
-RUNS = {
-    "SD1.5 512 to 2K with LinFusion": Run(
-        "sd15", 1 / 16, ["KSampler.steps=1", "LinFusionHighResSampler.steps=5", "cfg=1"],
-        {"8": (512, 512), "11": (2048, 2048)}, "base 1; stages x2, x2: 2 + 1 (notebook strengths 0.4, 0.3 of 5)"),
-    "16K image with SD1.5 and LinFusion": Run(
-        "sd15", 1 / 32, ["KSampler.steps=1", "LinFusionHighResSamplerAdvanced.steps=10", "strength_schedule=constant",
-                         "upscale_strength=0.1", "cfg=1", "low_memory=false"],
-        {"8": (1024, 512), "11": (16384, 8192)},
-        "base 1; four x2 stages: 1 + 1 + 1 + 1 (constant 0.1 of 10); low_memory off: at a few hundred tokens its 16 "
-        "feed-forward chunks re-read each weight 16 times (measured 27-30 s per step instead of 4-6 s on 2 cores)"),
-    "SDXL 1024 to 4K with LinFusion": Run(
-        "sdxl", 1 / 32, ["KSampler.steps=1", "LinFusionHighResSamplerAdvanced.steps=4", "strength_schedule=constant",
-                         "upscale_strength=0.25", "cfg=1"],
-        {"8": (1024, 1024), "11": (4096, 4096)},
-        "base 1; two x2 stages: 1 + 1 (constant 0.25 of 4, rounded up); dilation 1 at this scale (stages below the "
-        "native 512 px of the stand-in): 1 UNet call each",
-        reduced=True),
-    # Super-resolution doubles whatever image it gets: the promise is relative to the input.
-    "SDXL super-resolution x2 with LinFusion": Run(
-        "sdxl", 1.0, ["steps=4", "upscale_strength=0.25", "cfg=1"], {"7": (2 * IN_W, 2 * IN_H)},
-        "one stage: 1 (0.25 of 4, rounded up), 2 UNet calls where the target passes 512 px",
-        reduced=True),
-    "SD2.1 768 to 1536 with LinFusion": Run(
-        "sd21", 1 / 16, ["KSampler.steps=1", "LinFusionHighResSampler.steps=3", "cfg=1"],
-        {"8": (768, 768), "11": (1536, 1536)}, "base 1; one x2 stage: 1 (0.4 of 3)"),
-    "SD1.5 LoRA and ControlNet with LinFusion": Run(
-        "sd15", 1 / 16, ["KSampler.steps=1", "LinFusionHighResSampler.steps=3", "cfg=1"],
-        {"8": (512, 512), "11": (1024, 1024)}, "base 1; one x2 stage: 1 (0.4 of 3)"),
-}
 LINFUSION_FOLDER = {"sd15": "LinFusion-1-5", "sd21": "LinFusion-2-1", "sdxl": "LinFusion-XL"}
 
 
@@ -120,10 +75,6 @@ def wf(tmp_path_factory, lf, request):
 @pytest.fixture(scope="module")
 def object_info(wf) -> dict:
     return wf.client.object_info()
-
-
-def load(name: str) -> dict:
-    return json.loads((WORKFLOWS / f"{name}.json").read_text())
 
 
 def real_nodes(workflow: dict) -> list[dict]:
@@ -416,16 +367,6 @@ def test_runner_names_a_missing_model_and_its_folder(object_info, wf, tmp_path):
 
 
 # -- runs --------------------------------------------------------------------------------------
-def expected_sizes(run: Run) -> dict[str, tuple[int, int]]:
-    """The promised sizes times the scale (all promised sizes are multiples of 8 / scale)."""
-    out = {}
-    for nid, (w, h) in run.promised.items():
-        sw, sh = w * run.scale, h * run.scale
-        assert sw == int(sw) and sh == int(sh) and sw % 8 == 0 and sh % 8 == 0, "choose a scale that keeps the grid"
-        out[nid] = (int(sw), int(sh))
-    return out
-
-
 def saved_by_node(history: dict, folder: Path) -> dict[str, tuple[int, int]]:
     sizes = {}
     for nid, out in history["outputs"].items():
