@@ -15,7 +15,7 @@ import server_fixtures
 from comfy_server import PromptFailed
 from PIL import Image
 
-CKPT = "sd15-random.safetensors"
+CKPT = server_fixtures.CKPT
 LF_WEIGHTS = "LinFusion-1-5-highres-test"  # not the official name: 'auto' must never pick it up
 BASE = 64
 SEED = 5

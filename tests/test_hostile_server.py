@@ -12,7 +12,7 @@ import pytest
 import server_fixtures
 from comfy_server import PromptFailed, PromptRejected
 
-CKPT = "sd15-random.safetensors"
+CKPT = server_fixtures.CKPT
 LF_WEIGHTS = "LinFusion-1-5-hostile-test"
 
 

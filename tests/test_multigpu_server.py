@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 pytestmark = pytest.mark.server
 
-CKPT = "sd15-random.safetensors"
+CKPT = server_fixtures.CKPT
 LF_WEIGHTS = "LinFusion-1-5-multigpu-test"
 # Relative to the largest |latent|: the random full-size model gives latents up to ~400, where
 # one fp32 step (ulp) is 3e-5, so an absolute 1e-4 would be 3 ulp. The band path sums the same
