@@ -222,9 +222,20 @@ def prompt_group(g: G, top: int, bottom: int, title: str = "Prompt") -> None:
     g.group(title, (PROMPT_X - 20, top, 460, bottom + 40 - top))
 
 
+def sampling(seed: int, steps: int, cfg: float, sampler: str = "euler", scheduler: str = "normal") -> dict:
+    """The sampling widgets a KSampler and the High-Res Samplers share."""
+    return {"seed": seed, "steps": steps, "cfg": cfg, "sampler_name": sampler, "scheduler": scheduler}
+
+
+def stage_links(model, positive=(3, 0), negative=(4, 0)) -> dict:
+    """A High-Res Sampler's inputs: the base KSampler's latent (6) and the checkpoint's VAE (1)."""
+    return {"model": model, "positive": positive, "negative": negative, "latent_image": (6, 0), "vae": (1, 2)}
+
+
 def base_image(g: G, x: int, model, pos, neg, latent, ksampler: dict, prefix: str) -> int:
-    """KSampler (6) -> VAE Decode (7) -> Save (8), each in its own column. Returns the next x."""
-    g.node(6, "KSampler", (x, TOP), (320, 270), "Base image", ksampler,
+    """KSampler (6, `ksampler`: sampling() widgets) -> VAE Decode (7) -> Save (8), each in its own
+    column. Returns the next x."""
+    g.node(6, "KSampler", (x, TOP), (320, 270), "Base image", {**ksampler, "denoise": 1.0},
            {"model": model, "positive": pos, "negative": neg, "latent_image": latent})
     g.node(7, "VAEDecode", (x + 360, TOP), (220, 50), None, {}, {"samples": (6, 0), "vae": (1, 2)})
     g.node(8, "SaveImage", (x + 360, TOP + 100), (360, 360), "Save base image", {"filename_prefix": prefix},
@@ -243,7 +254,7 @@ def upscale(g: G, x: int, kind: str, widgets: dict, links: dict, title: str, hei
 def refine_widgets(seed: int, method: str, strength: float, low_memory: bool, **size) -> dict:
     """The widgets of the High-Res Sampler (advanced) and the Super-Resolution node: `size`
     (scale_by, width, height, stages) and the reference's sampling and refinement settings."""
-    return {**size, "seed": seed, "steps": 50, "cfg": 7.5, "sampler_name": "euler", "scheduler": "normal",
+    return {**size, **sampling(seed, 50, 7.5),
             "method": method, "upscale_strength": strength, "strength_schedule": "auto", "upscale_method": "pixel",
             "cosine_scale_1": 3.0, "cosine_scale_2": 1.0, "cosine_scale_3": 1.0, "gaussian_sigma": 0.8,
             "anchor_stats": "auto", "low_memory": low_memory, "vae_tile_size": 2048}
@@ -314,11 +325,11 @@ def wf_sd15_2k(oi):
     model, clip, note_y = head(g, SD15, "a cozy alpine village at dusk, warm lights in the windows, snow-covered roofs, "
                                "mountains in the background, highly detailed photograph", NEG, (512, 512))
     x = base_image(g, BASE_X, model, (3, 0), (4, 0), (5, 0),
-                   {"seed": 42, "steps": 25, "cfg": 7.5, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0},
+                   sampling(42, 25, 7.5),
                    "LinFusion/sd15_512")
     x = upscale(g, x, "LinFusionHighResSampler",
-                {"scale_by": 4.0, "seed": 42, "steps": 50, "cfg": 7.5, "sampler_name": "euler", "scheduler": "normal"},
-                {"model": model, "positive": (3, 0), "negative": (4, 0), "latent_image": (6, 0), "vae": (1, 2)},
+                {"scale_by": 4.0, **sampling(42, 50, 7.5)},
+                stage_links(model),
                 "High-Res Sampler", 300)
     save_final(g, x, "LinFusion/sd15_2k")
     note(g, 12, (
@@ -333,11 +344,11 @@ def wf_sd15_16k(oi):
     g.name = "16K image with SD1.5 and LinFusion"
     model, clip, note_y = head(g, SD15, "A photo of the Milky Way galaxy", "", (1024, 512))
     x = base_image(g, BASE_X, model, (3, 0), (4, 0), (5, 0),
-                   {"seed": 3, "steps": 50, "cfg": 7.5, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0},
+                   sampling(3, 50, 7.5),
                    "LinFusion/sd15_1k")
     x = upscale(g, x, "LinFusionHighResSamplerAdvanced",
                 refine_widgets(3, "sdedit", 0.4, True, scale_by=16.0, width=0, height=0),
-                {"model": model, "positive": (3, 0), "negative": (4, 0), "latent_image": (6, 0), "vae": (1, 2)},
+                stage_links(model),
                 "High-Res Sampler (advanced)", 660)
     save_final(g, x, "LinFusion/sd15_16k", tiled=2048)
     note(g, 12, (
@@ -354,11 +365,11 @@ def wf_sdxl_4k(oi):
     model, clip, note_y = head(g, SDXL, "An astronaut floating in space. Beautiful view of the stars and the universe "
                                "in the background.", None, (1024, 1024), final=(4096, 4096))
     x = base_image(g, BASE_X, model, (3, 0), (4, 0), (5, 0),
-                   {"seed": 42, "steps": 50, "cfg": 7.5, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0},
+                   sampling(42, 50, 7.5),
                    "LinFusion/sdxl_1k")
     x = upscale(g, x, "LinFusionHighResSamplerAdvanced",
                 refine_widgets(42, "demofusion", 0.32, False, scale_by=4.0, width=0, height=0),
-                {"model": model, "positive": (3, 0), "negative": (4, 0), "latent_image": (6, 0), "vae": (1, 2)},
+                stage_links(model),
                 "High-Res Sampler (DemoFusion-style)", 660)
     save_final(g, x, "LinFusion/sdxl_4k", tiled=1024)
     note(g, 12, (
@@ -400,11 +411,11 @@ def wf_sd21(oi):
     model, clip, note_y = head(g, "v2-1_768-ema-pruned.safetensors", "a red fox in a snowy birch forest, morning "
                                "light, highly detailed photograph", NEG, (768, 768))
     x = base_image(g, BASE_X, model, (3, 0), (4, 0), (5, 0),
-                   {"seed": 7, "steps": 30, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0},
+                   sampling(7, 30, 7.0),
                    "LinFusion/sd21_768")
     x = upscale(g, x, "LinFusionHighResSampler",
-                {"scale_by": 2.0, "seed": 7, "steps": 30, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal"},
-                {"model": model, "positive": (3, 0), "negative": (4, 0), "latent_image": (6, 0), "vae": (1, 2)},
+                {"scale_by": 2.0, **sampling(7, 30, 7.0)},
+                stage_links(model),
                 "High-Res Sampler", 300)
     save_final(g, x, "LinFusion/sd21_1536")
     note(g, 12, (
@@ -423,8 +434,7 @@ def wf_lora_cn(oi):
                                lora={"lora_name": "lcm-lora-sdv1-5.safetensors", "strength_model": 1.0,
                                      "strength_clip": 1.0})
     x = base_image(g, BASE_X, model, (3, 0), (4, 0), (5, 0),
-                   {"seed": 11, "steps": 8, "cfg": 1.5, "sampler_name": "lcm", "scheduler": "sgm_uniform",
-                    "denoise": 1.0}, "LinFusion/lora_cn_512")
+                   sampling(11, 8, 1.5, "lcm", "sgm_uniform"), "LinFusion/lora_cn_512")
     # The control image is the base image's own edges: the ControlNet keeps the upscale on its outlines.
     g.node(17, "ControlNetLoader", (x, TOP), (360, 60), None,
            {"control_net_name": "control_v11p_sd15_canny_fp16.safetensors"})
@@ -438,8 +448,8 @@ def wf_lora_cn(oi):
     g.group("ControlNet", (x - 20, GROUP_TOP, 400, TOP + 790 + PREVIEW // 2 - GROUP_TOP))
     x += 360 + 60
     x = upscale(g, x, "LinFusionHighResSampler",
-                {"scale_by": 2.0, "seed": 11, "steps": 8, "cfg": 1.5, "sampler_name": "lcm", "scheduler": "sgm_uniform"},
-                {"model": model, "positive": (18, 0), "negative": (18, 1), "latent_image": (6, 0), "vae": (1, 2)},
+                {"scale_by": 2.0, **sampling(11, 8, 1.5, "lcm", "sgm_uniform")},
+                stage_links(model, (18, 0), (18, 1)),
                 "High-Res Sampler", 300)
     save_final(g, x, "LinFusion/lora_cn_1024")
     note(g, 12, (
