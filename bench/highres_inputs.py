@@ -68,11 +68,10 @@ def main() -> None:
     args = ap.parse_args()
     classes = _setup(args.pack.resolve())
     import helpers
-    import test_highres
     import torch
 
     model = helpers.small_model("sd15")
-    vae = test_highres.small_vae()
+    vae = helpers.small_vae()
     pos, neg = helpers.conds("sd15")
     latents = {"batch0": torch.randn(0, 4, 4, 4), "chan0": torch.randn(1, 0, 4, 4)}
     print(f"pack: {args.pack}")

@@ -6,7 +6,7 @@ passes with differently shaped tiles, averaged), and the device memory of one ti
     .dev/venv/bin/python bench/vae_tiled.py device [--tiles 512 1024 2048]
 
 host: ComfyUI's VAE class around a narrow SD-layout AutoencoderKL (widths 32..128, random
-weights; tests/test_highres.small_vae) decodes a px x px image on the CPU, fp32, both ways in
+weights; tests/helpers.small_vae) decodes a px x px image on the CPU, fp32, both ways in
 the same process: wall time, decoder calls, peak RSS growth of the call (bench/memory.py),
 and that peak in units of the decoded image's bytes (what stays at any VAE width: the
 buffers are image-sized).
@@ -32,7 +32,7 @@ SD_VAE = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3
 
 def host(px: int, tile: int) -> None:
     import torch
-    from test_highres import small_vae
+    from helpers import small_vae
 
     from bench.memory import measure_once
 

@@ -291,7 +291,7 @@ def child_hybrid(dynamic: str, pre: str | None = None) -> dict:
     import comfy.model_management
     import comfy.model_patcher
     import helpers
-    import test_hybrid as th
+    import hybrid_cases as hc
     import torch
 
     if dynamic == "on" and pre is None:
@@ -302,27 +302,27 @@ def child_hybrid(dynamic: str, pre: str | None = None) -> dict:
     model = comfy.model_patcher.CoreModelPatcher(base.model, load_device=dev, offload_device=torch.device("cpu"))
     with tempfile.TemporaryDirectory() as tmp:
         _weights_folder(pack, model, "sd15", Path(tmp))
-        pristine = th.pristine_attn_weights(model)
-        lora = th.lora_for(model)
-        loraed = {t: pristine[t] + lora[f"diffusion_model.{th.PATH}.{t}"][1][0] for t in th.TENSORS}
-        hybrid = th.apply(node_classes, model, 4096).clone()
+        pristine = hc.pristine_attn_weights(model)
+        lora = hc.lora_for(model)
+        loraed = {t: pristine[t] + lora[f"diffusion_model.{hc.PATH}.{t}"][1][0] for t in hc.TENSORS}
+        hybrid = helpers.apply(node_classes, model, "auto", 4096).clone()
         hybrid.add_patches(lora, 1.0)
 
         def probe():
-            layer = hybrid.model.diffusion_model.get_submodule(th.PATH)
+            layer = hybrid.model.diffusion_model.get_submodule(hc.PATH)
             x = torch.randn(2, 256, layer.dim, generator=torch.Generator().manual_seed(5))
-            ref = th.reference_attention(x.double(), {k: v.double() for k, v in loraed.items()},
+            ref = hc.reference_attention(x.double(), {k: v.double() for k, v in loraed.items()},
                                          layer.softmax_attn.heads)
             p = next(layer.softmax_attn.parameters())
             with torch.no_grad():
                 out = layer(x.to(p.device, p.dtype)).double().cpu()
             return (out - ref).abs().max().item()
 
-        err = th.during_sampling(hybrid, probe)
+        err = hc.during_sampling(hybrid, probe)
         dynamic_used = bool(getattr(hybrid, "is_dynamic", lambda: False)())
         comfy.model_management.unload_all_models()
-        after = th.pristine_attn_weights(model)
-        restored = all(torch.equal(after[t], pristine[t]) for t in th.TENSORS)
+        after = hc.pristine_attn_weights(model)
+        restored = all(torch.equal(after[t], pristine[t]) for t in hc.TENSORS)
     return {"max_abs": err, "restored": restored, "dynamic": dynamic_used, "patcher": type(hybrid).__name__,
             "not_dynamic_because": pre}
 
@@ -340,7 +340,6 @@ def child_dynamic(pre: str | None) -> dict:
     import helpers
     import test_dynamic as td
     import torch
-    from test_compat import apply
 
     dev = comfy.model_management.get_torch_device()
 
@@ -356,7 +355,7 @@ def child_dynamic(pre: str | None) -> dict:
 
     def fresh(kind: str, lora_on: bool = False, dynamic: bool = True) -> torch.Tensor:
         m = loader(disable_dynamic=not dynamic)
-        m = apply(node_classes, m) if kind == "lf" else m
+        m = helpers.apply(node_classes, m, "auto") if kind == "lf" else m
         out = td.sample(td.with_lora(m, td.lora(m)) if lora_on else m)
         comfy.model_management.unload_all_models()
         return out
@@ -367,7 +366,7 @@ def child_dynamic(pre: str | None) -> dict:
         classic = fresh("lf", True, dynamic=False)
         base = loader()
         pristine = td.unet_state(base)
-        patched = apply(node_classes, base)
+        patched = helpers.apply(node_classes, base, "auto")
         lf_lora = td.with_lora(patched, td.lora(base))
         checks = []
 

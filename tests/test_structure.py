@@ -144,3 +144,35 @@ def test_scan_sees_a_test_module_import(tmp_path):
                  "from standins import WorkflowServer\n")
     assert imports_of_test_modules(f) == [(2, "test_a"), (3, "test_b"), (6, "tests.test_c"), (7, "tests.test_d"),
                                           (8, ".test_e")]
+
+
+def helper_uses(path: Path, modules: set[str]) -> list[tuple[int, str, str]]:
+    """(line, module, name) of every name `path` takes from one of `modules`: `from m import name`,
+    and `alias.name` after `import m [as alias]` (imports inside functions included)."""
+    tree = ast.parse(path.read_text(), str(path))
+    aliases, uses = {}, []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            aliases.update({a.asname or a.name: a.name for a in node.names if a.name in modules})
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module in modules:
+            uses += [(node.lineno, node.module, a.name) for a in node.names]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases:
+            uses.append((node.lineno, aliases[node.value.id], node.attr))
+    return uses
+
+
+def test_scripts_and_benches_find_the_test_helpers_they_use():
+    """scripts/ and bench/ build their models with the tests' helpers, and some of them run only
+    where this suite does not (scripts/gpu_check.py's children need CUDA): every name they take
+    from a module of tests/ must exist there, so a helper moved between test modules cannot
+    silently break them."""
+    import importlib
+
+    modules = {p.stem for p in (REPO / "tests").glob("*.py")}
+    files = sorted([*(REPO / "scripts").glob("*.py"), *(REPO / "bench").glob("*.py")])
+    uses = [(path, *use) for path in files for use in helper_uses(path, modules)]
+    assert len(uses) >= 30 and any(p.name == "gpu_check.py" for p, *_ in uses)
+    missing = [f"{path.relative_to(REPO)}:{line}: {module}.{name}" for path, line, module, name in uses
+               if not hasattr(importlib.import_module(module), name)]
+    assert not missing, "names the tests' modules no longer have:\n" + "\n".join(missing)
