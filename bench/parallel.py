@@ -1,4 +1,4 @@
-"""Band parallelism (linfusion/parallel.py): bytes each rank sends per UNet step, and CPU wall time.
+"""Band parallelism (linfusion/parallel/): bytes each rank sends per UNet step, and CPU wall time.
 
     .dev/venv/bin/python bench/parallel.py bytes [--px 4096 16384] [--world 2 4 8]
     .dev/venv/bin/python bench/parallel.py time [--px 2048] [--channels 64] [--repeat 3]

@@ -261,7 +261,7 @@ class LinFusionAttention(nn.Module):
         return self.attend(x, self.summary(kv_in, kv_in if value is None else value))
 
     # The layer's linear-attention path in named steps, shared by this forward, the band-parallel
-    # forward (linfusion/parallel.py: the summary is all-reduced between the two steps) and the
+    # forward (linfusion/parallel/: the summary is all-reduced between the two steps) and the
     # token-streamed low-memory forward (linfusion/lowmem.py: both steps run on chunks of tokens).
     def project_q(self, x: torch.Tensor) -> torch.Tensor:
         """Queries (B, N, dim) of tokens x (B, N, dim): to_q(x + to_q_(x))."""

@@ -4,7 +4,7 @@ banded spatial ones are in linfusion/banded.py).
 
 The LinFusion reference fits a 16K SDXL image in 24 GB with four tricks (src/tools.py and the
 superres_sdxl_low_w_mem notebook): classifier-free-guidance halves one at a time (the
-sampler's cond batching, nodes/highres.py), feed-forward layers on chunks of tokens
+sampler's cond batching, nodes/highres_sampling.py), feed-forward layers on chunks of tokens
 (`chunked_token_forward`), in-place activations in the resnets (banded resnets,
 linfusion/banded.py), and the UNet's skip connections parked in host memory, written so that
 results equal the plain path:

@@ -3,7 +3,7 @@
 The ComfyUI process is rank 0; one spawned worker process per extra device holds a copy of
 the UNet (LinFusion layers included, and the weights with every patch of the sampling
 ModelPatcher applied, e.g. a LoRA, however ComfyUI loaded them) and runs its band of every UNet
-call in step with rank 0 (linfusion/parallel.py). A model without LinFusion runs exactly too:
+call in step with rank 0 (linfusion/parallel/). A model without LinFusion runs exactly too:
 its softmax self-attention gathers every band's tokens (no speed-up there). The group meets at a
 TCP store on the loopback interface (no file anywhere). It is started by the first UNet call
 and closed (workers stopped, process group destroyed) when:

@@ -5,7 +5,7 @@ Real mode (--checkpoint): a workflow's high-res stage, as ComfyUI's KSampler wou
 sampler and scheduler), with a checkpoint loaded by ComfyUI's own loader and LinFusion applied by
 the pack's Apply LinFusion code (nodes/apply.py). Rank 0 runs ComfyUI's sampler; every UNet call
 it makes is sent to the other ranks (latent, timesteps, text embeddings) and split into
-horizontal bands by linfusion/parallel.py, the code the LinFusion Multi-GPU node runs, so the
+horizontal bands by linfusion/parallel/, the code the LinFusion Multi-GPU node runs, so the
 result is the single-process one. At the end rank 0 sends the final latent to every rank (each
 rank checks it holds the same bytes) and writes --out atomically in ComfyUI's Save Latent format
 (Load Latent reads it, and so does --latent of the next stage). Each machine needs the checkpoint

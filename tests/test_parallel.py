@@ -1,4 +1,4 @@
-"""Exact band parallelism (linfusion/parallel.py) on CPU with gloo: spawned worker processes
+"""Exact band parallelism (linfusion/parallel/) on CPU with gloo: spawned worker processes
 run one UNet forward on horizontal bands of the latent and must reproduce the single-process
 output of the small real-layout models (SD1.5 / SD2.1 / SDXL, LinFusion applied).
 
