@@ -46,7 +46,7 @@ BAND_BYTES = 64 << 20
 MIN_CHUNK_BYTES = 32 << 20
 
 
-def _default_affine(norm: nn.GroupNorm, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def default_affine(norm: nn.GroupNorm, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     w = None if norm.weight is None else norm.weight.to(x.device, torch.float32)
     b = None if norm.bias is None else norm.bias.to(x.device, torch.float32)
     return w, b
@@ -90,7 +90,7 @@ def _same_size_conv(conv: nn.Module) -> bool:
 
 
 def chunked_norm_act_conv(norm: nn.GroupNorm, conv: nn.Module, x: torch.Tensor, band_bytes: int | None = None,
-                          affine: Callable = _default_affine, out: torch.Tensor | None = None,
+                          affine: Callable = default_affine, out: torch.Tensor | None = None,
                           accumulate: bool = False) -> torch.Tensor:
     """conv(silu(norm(x))) for x (B, C, H, W), one band of rows at a time -> (B, C_out, H, W).
 
@@ -142,7 +142,7 @@ def chunkable(block: nn.Module) -> bool:
 
 
 def chunked_resblock_forward(block: nn.Module, band_bytes: int | None = None, min_bytes: int | None = None,
-                             affine: Callable = _default_affine, pending: Callable | None = None) -> Callable:
+                             affine: Callable = default_affine, pending: Callable | None = None) -> Callable:
     """A forward(x, emb) for an LDM ResBlock that equals its own: in_layers and out_layers run
     band by band (chunked_norm_act_conv), the timestep embedding is added in place, and the
     skip connection is added into the output band by band. Peak inside the block: x, the
@@ -241,7 +241,7 @@ def _gather_rows(parts: list[torch.Tensor], lo: int, hi: int, carry: torch.Tenso
 
 def split_input_resblock(block: nn.Module, parts: list[torch.Tensor], emb: torch.Tensor,
                          moments: list | None = None, band_bytes: int | None = None,
-                         affine: Callable = _default_affine, overwrite_first: bool = False) -> torch.Tensor:
+                         affine: Callable = default_affine, overwrite_first: bool = False) -> torch.Tensor:
     """block(torch.cat(parts, 1), emb) without ever making the concatenation: the decoder side of
     a UNet concatenates the upsampled map with a skip connection, and at 16K that tensor, held
     next to both of its parts, is the largest moment of a step. Here each band of rows is
@@ -353,7 +353,7 @@ def is_norm_act_conv(seq: nn.Module) -> bool:
 
 
 def banded_sequence_forward(seq: nn.Module, band_bytes: int | None = None, min_bytes: int | None = None,
-                            affine: Callable = _default_affine) -> Callable:
+                            affine: Callable = default_affine) -> Callable:
     """A forward(x) for a GroupNorm -> SiLU -> conv Sequential (is_norm_act_conv) that runs it
     with chunked_norm_act_conv; small inputs take its own forward."""
     own = seq.forward
@@ -404,7 +404,7 @@ def top_level_resblocks(unet: nn.Module, levels: int = 2) -> list[nn.Module]:
 
 @contextmanager
 def chunked_resblocks(blocks: Iterable[nn.Module], band_bytes: int | None = None, min_bytes: int | None = None,
-                      affine: Callable = _default_affine, pending: Callable | None = None) -> Iterator[int]:
+                      affine: Callable = default_affine, pending: Callable | None = None) -> Iterator[int]:
     """Give each chunkable block an instance-level chunked forward for the duration of the block
     (yields how many); removed on exit whatever happens, as linfusion.lowmem.chunked_token_forward."""
     with forwards_replaced([m for m in blocks if chunkable(m)],
@@ -423,7 +423,7 @@ def banded_upsamples(layers: Iterable[nn.Module], band_bytes: int | None = None,
 
 @contextmanager
 def banded_sequences(seqs: Iterable[nn.Module], band_bytes: int | None = None, min_bytes: int | None = None,
-                     affine: Callable = _default_affine) -> Iterator[int]:
+                     affine: Callable = default_affine) -> Iterator[int]:
     """banded_sequence_forward on each GroupNorm -> SiLU -> conv Sequential for the duration of
     the block (yields how many)."""
     with forwards_replaced([m for m in seqs if is_norm_act_conv(m)],

@@ -46,7 +46,7 @@ def _affine(norm: torch.nn.Module, x: torch.Tensor):
             getattr(norm, "bias_function", None):
         w, b = comfy.ops.cast_bias_weight(norm, x, dtype=torch.float32)[:2]
         return w, b
-    return banded._default_affine(norm, x)
+    return banded.default_affine(norm, x)
 
 
 def low_memory_wrapper(parking: lowmem.SkipParking | None, concat: lowmem.SkipConcat | None = None):

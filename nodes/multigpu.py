@@ -184,7 +184,6 @@ class BandGroup:
                                                str(devices[r]), builder))
         with _main_module_hidden():
             self.workers.start()
-        self.pids = self.workers.pids
         # each worker reports before joining the group: one that dies while starting fails here
         # at once, instead of after the group's timeout
         self._await("its start (its traceback is in the log above)")
@@ -197,6 +196,10 @@ class BandGroup:
             raise
         log.info("LinFusion Multi-GPU: %d ranks on %s (%s); worker pids %s", self.world, ", ".join(map(str, devices)),
                  self.backend, ", ".join(map(str, self.pids)))
+
+    @property
+    def pids(self) -> list[int]:
+        return self.workers.pids
 
     def _raise_if_cancelled(self) -> None:
         """Cancel (ComfyUI's interrupt) was pressed while rank 0 waited on the workers: close the group

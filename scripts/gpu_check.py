@@ -304,7 +304,7 @@ def child_hybrid(dynamic: str, pre: str | None = None) -> dict:
         _weights_folder(pack, model, "sd15", Path(tmp))
         pristine = hc.pristine_attn_weights(model)
         lora = hc.lora_for(model)
-        loraed = {t: pristine[t] + lora[f"diffusion_model.{hc.PATH}.{t}"][1][0] for t in hc.TENSORS}
+        loraed = hc.with_lora(pristine, lora)
         hybrid = helpers.apply(node_classes, model, "auto", 4096).clone()
         hybrid.add_patches(lora, 1.0)
 

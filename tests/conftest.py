@@ -108,8 +108,7 @@ def hybrid_case(lf, node_classes, linfusion_dir):
     helpers.put_weights(lf, linfusion_dir, "sd15", model)
     pristine = hybrid_cases.pristine_attn_weights(model)
     lora = hybrid_cases.lora_for(model)
-    loraed = {t: pristine[t] + lora[f"diffusion_model.{hybrid_cases.PATH}.{t}"][1][0]
-              for t in hybrid_cases.TENSORS}
+    loraed = hybrid_cases.with_lora(pristine, lora)
     yield model, pristine, lora, loraed
     comfy.model_management.unload_all_models()
 

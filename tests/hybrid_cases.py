@@ -32,6 +32,11 @@ def reference_attention(x: torch.Tensor, w: dict, heads: int) -> torch.Tensor:
     return out @ w["to_out.0.weight"].T + w["to_out.0.bias"]
 
 
+def with_lora(pristine: dict, lora: dict) -> dict:
+    """The attention tensors at PATH with the 'diff' patch of lora_for added."""
+    return {t: pristine[t] + lora[f"diffusion_model.{PATH}.{t}"][1][0] for t in TENSORS}
+
+
 def pristine_attn_weights(model) -> dict:
     unet = model.model.diffusion_model
     return {t: unet.get_parameter(f"{PATH}.{t}").detach().clone() for t in TENSORS}
