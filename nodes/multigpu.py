@@ -42,6 +42,7 @@ from ..linfusion.parallel import (
     band_parallel,
     check_conv_fit,
     conv_settings,
+    forward_message,
     host_store,
     join_group,
     replaced_forwards,
@@ -154,12 +155,6 @@ def _main_module_hidden():
         main.__dict__.update(saved)
         if "__spec__" not in saved:
             del main.__spec__
-
-
-def _cpu(control: dict) -> dict:
-    """A worker's residuals, copied to CPU memory for the queue (contiguous: only its rows travel)."""
-    return {k: [None if t is None else t.detach().to("cpu", copy=True).contiguous() for t in v]
-            for k, v in control.items()}
 
 
 CANCEL_POLL_S = 0.2  # how often rank 0 looks at ComfyUI's interrupt flag while it waits on the workers
@@ -282,10 +277,10 @@ class BandGroup:
         # ControlNet / T2I-Adapter residuals: each rank gets the rows of its band at every level
         controls = [split_control(control, bands, r) for r in range(self.world)]
         self.load(unet, config, patcher)
-        extra = {} if y is None else {"y": y.cpu()}
+        extra = {} if y is None else {"y": y}
         convs = conv_settings(unet)  # DemoFusion's dilated branch changes them on rank 0's UNet
-        self.workers.send({r: ("forward", x.cpu(), (timesteps.cpu(), context.cpu()),
-                               extra if controls[r] is None else {**extra, "control": _cpu(controls[r])}, convs)
+        band_kwargs = [extra if c is None else {**extra, "control": c} for c in controls]
+        self.workers.send({r: forward_message(x, (timesteps, context), band_kwargs[r], convs)
                            for r in self.workers.ranks})
         self.busy = True
         try:

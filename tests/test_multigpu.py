@@ -32,6 +32,32 @@ def multigpu(pack):
         mod._GROUP.close()
 
 
+@pytest.fixture
+def rank0_inputs(multigpu, monkeypatch) -> list[torch.Tensor]:
+    """Every tensor BandGroup.forward got (x, timesteps, context, y, the ControlNet residuals), recorded."""
+    seen: list[torch.Tensor] = []
+    forward = multigpu.BandGroup.forward
+
+    def spy(self, executor, config, patcher, *args, **kwargs):
+        stack = list(args)
+        while stack:
+            a = stack.pop()
+            if isinstance(a, torch.Tensor):
+                seen.append(a)
+            elif isinstance(a, (list, tuple, dict)):
+                stack.extend(a.values() if isinstance(a, dict) else a)
+        return forward(self, executor, config, patcher, *args, **kwargs)
+
+    monkeypatch.setattr(multigpu.BandGroup, "forward", spy)
+    return seen
+
+
+def not_queued(tensors: list[torch.Tensor]) -> None:
+    """Rank 0 kept its own tensors: none went to a worker's queue, whose feeder thread moves a
+    tensor's storage into shared memory while rank 0 still reads it (linfusion.parallel.forward_message)."""
+    assert len(tensors) >= 3 and not [tuple(t.shape) for t in tensors if t.is_shared()]
+
+
 def test_parse_devices_and_clear_errors(multigpu, monkeypatch):
     assert multigpu.parse_devices("cpu, cpu") == [torch.device("cpu")] * 2
     assert multigpu.parse_devices("cpu,cpu,cpu,cpu") == [torch.device("cpu")] * 4
@@ -99,7 +125,8 @@ def highres_stage(model, cfg: float) -> torch.Tensor:
                                disable_pbar=True)
 
 
-def test_two_cpu_devices_sample_the_single_device_latent(lf, node_classes, sd15, linfusion_dir, multigpu):
+def test_two_cpu_devices_sample_the_single_device_latent(lf, node_classes, sd15, linfusion_dir, multigpu,
+                                                         rank0_inputs):
     put_weights(lf, linfusion_dir, "sd15", sd15)
     model = apply(node_classes, sd15, "auto")
     # cfg 1: cfg 5 multiplies the per-call fp32 differences (~3e-6, as in test_parallel) by ~9
@@ -113,6 +140,7 @@ def test_two_cpu_devices_sample_the_single_device_latent(lf, node_classes, sd15,
     assert group is not None and group.world == 2 and dist.get_world_size() == 2  # it really ran on 2 ranks
     errs = {cfg: (banded[cfg] - single[cfg]).abs().max().item() for cfg in single}
     assert max(errs.values()) < 1e-4, errs
+    not_queued(rank0_inputs)
     group.close()
     assert multigpu._GROUP is None and not dist.is_initialized()
     assert not multiprocessing.active_children()
@@ -245,7 +273,7 @@ def small_controlnet(model, seed: int = 11):
     return comfy.controlnet.ControlNet(net.eval(), load_device=torch.device("cpu"), manual_cast_dtype=None)
 
 
-def test_controlnet_residuals_run_band_parallel(lf, node_classes, sd15, linfusion_dir, multigpu):
+def test_controlnet_residuals_run_band_parallel(lf, node_classes, sd15, linfusion_dir, multigpu, rank0_inputs):
     """A real ComfyUI ControlNet (Apply ControlNet's way: set_cond_hint, on both conds) under the
     Multi-GPU node: its residuals are cut into each rank's rows at every level and the worker gets
     its bands with the forward request; the stage equals the single-device one."""
@@ -273,6 +301,7 @@ def test_controlnet_residuals_run_band_parallel(lf, node_classes, sd15, linfusio
     assert (single - plain).abs().max().item() > 0.1  # the ControlNet changes the result
     err = (banded - single).abs().max().item()
     assert err < 1e-4, err  # measured 8.7e-6 on latents up to 19 (the ControlNet moves them by 8.3)
+    not_queued(rank0_inputs)
 
 
 def test_cancel_ends_a_run_whose_worker_stopped_answering(lf, node_classes, sd15, linfusion_dir, multigpu):

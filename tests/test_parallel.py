@@ -135,6 +135,27 @@ def test_unet_layouts_band_parallel_equal_single_process():
 
 
 @pytest.mark.pure
+def test_forward_message_copies():
+    """A worker's forward request carries copies: a torch.multiprocessing queue pickles in a feeder
+    thread after put() returns and moves each tensor's storage into shared memory, freeing the old
+    memory under whoever still reads it (rank 0, for its own band: it read garbage now and then).
+    The sender's tensors stay private; a residual's row band travels alone and contiguous."""
+    x, ctx, t = torch.randn(1, 4, 16, 16), torch.randn(1, 77, 8), torch.tensor([999.0])
+    residual = torch.randn(1, 8, 32, 16)
+    band = residual[:, :, 16:]
+    msg = par.forward_message(x, (t, ctx), {"control": {"output": [None, band]}}, [("conv", (1, 1))])
+    q = torch.multiprocessing.get_context("spawn").Queue()
+    q.put(msg)
+    tag, gx, (gt, gctx), kwargs, convs = q.get(timeout=60)
+    assert tag == "forward" and convs == [("conv", (1, 1))] and kwargs["control"]["output"][0] is None
+    got_band = kwargs["control"]["output"][1]
+    assert torch.equal(gx, x) and torch.equal(gt, t) and torch.equal(gctx, ctx) and torch.equal(got_band, band)
+    assert got_band.is_contiguous() and got_band.untyped_storage().nbytes() == band.numel() * 4
+    assert msg[1].is_shared() and not [a.shape for a in (x, t, ctx, residual) if a.is_shared()]
+    q.close()
+
+
+@pytest.mark.pure
 def test_killed_worker_fails_fast_naming_the_rank():
     start = time.monotonic()
     with pytest.raises(par.WorkerError, match=r"rank 1 died \(exit code -9\)") as info:

@@ -54,9 +54,9 @@ from .geometry import (
     split_rows,
 )
 from .runtime import DEFAULT_TIMEOUT_S, OTHER_ATTENTION, BandParallel, band_parallel
-from .workers import WorkerError, Workers, host_store, join_group, launch, serve
+from .workers import WorkerError, Workers, forward_message, host_store, join_group, launch, serve
 
 __all__ = ["DEFAULT_TIMEOUT_S", "OTHER_ATTENTION", "BandParallel", "BandParallelError", "Bands", "ConvPlan", "Halo",
            "WorkerError", "Workers", "band_parallel", "check_conv_fit", "conv_geometry", "conv_plan",
-           "conv_settings", "conv_settings_applied", "host_store", "join_group", "launch", "level_bands",
-           "replaced_forwards", "serve", "split_control", "split_rows"]
+           "conv_settings", "conv_settings_applied", "forward_message", "host_store", "join_group", "launch",
+           "level_bands", "replaced_forwards", "serve", "split_control", "split_rows"]

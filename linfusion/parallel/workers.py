@@ -86,6 +86,8 @@ class Workers:
         self.pids = [p.pid for p in self.procs.values()]
 
     def send(self, messages: dict[int, tuple]) -> None:
+        """Queue a message for each rank. Its tensors must be nobody else's (see forward_message):
+        the queue pickles them later, in its own thread, moving them into shared memory."""
         for r, msg in messages.items():
             self.inboxes[r].put(msg)
 
@@ -192,13 +194,26 @@ def launch(fn: Callable, world: int, args: tuple = (), *, backend: str = "gloo",
         workers.stop()
 
 
-def _to(t: Any, device: torch.device) -> Any:
-    """Tensors moved to `device`, also inside dicts and lists (a ControlNet's residuals)."""
+def _to(t: Any, device: torch.device, copy: bool = False) -> Any:
+    """Tensors moved to `device`, also inside dicts and lists (a ControlNet's residuals); with
+    `copy`, each one a contiguous copy of its own."""
     if isinstance(t, dict):
-        return {k: _to(v, device) for k, v in t.items()}
+        return {k: _to(v, device, copy) for k, v in t.items()}
     if isinstance(t, (list, tuple)):
-        return type(t)(_to(v, device) for v in t)
-    return t.to(device) if isinstance(t, torch.Tensor) else t
+        return type(t)(_to(v, device, copy) for v in t)
+    if not isinstance(t, torch.Tensor):
+        return t
+    return t.detach().to(device, copy=True).contiguous() if copy else t.to(device)
+
+
+def forward_message(x: torch.Tensor, args: tuple, kwargs: dict, convs: Any) -> tuple:
+    """serve's ("forward", x, args, kwargs, convs) request, every tensor in it a CPU copy of its own.
+
+    A copy also of CPU tensors: the queue's feeder thread pickles a message after put() returns,
+    moving each tensor's storage into shared memory and freeing the old memory under any thread
+    still reading it. Rank 0 reads x and the text context for its own band meanwhile; it read
+    garbage now and then (tests/test_multigpu.py: test_forward_message_copies)."""
+    return ("forward", *_to((x, args, kwargs), torch.device("cpu"), copy=True), convs)
 
 
 def serve(rank: int, world: int, port: int, backend: str, timeout_s: float, device: str,
