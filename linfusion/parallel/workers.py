@@ -78,12 +78,15 @@ class Workers:
         self.procs = {r: ctx.Process(target=target, daemon=True, name=f"{name}-rank{r}",
                                      args=(*args(r), *([self.inboxes[r]] if inbox else []), self.replies))
                       for r in self.ranks}
-        self.pids: list[int] = []
+
+    @property
+    def pids(self) -> list[int]:
+        """The workers' process ids, by rank (empty before start)."""
+        return [p.pid for p in self.procs.values() if p.pid is not None]
 
     def start(self) -> None:
         for p in self.procs.values():
             p.start()
-        self.pids = [p.pid for p in self.procs.values()]
 
     def send(self, messages: dict[int, tuple]) -> None:
         """Queue a message for each rank. Its tensors must be nobody else's (see forward_message):
@@ -196,14 +199,14 @@ def launch(fn: Callable, world: int, args: tuple = (), *, backend: str = "gloo",
 
 def _to(t: Any, device: torch.device, copy: bool = False) -> Any:
     """Tensors moved to `device`, also inside dicts and lists (a ControlNet's residuals); with
-    `copy`, each one a contiguous copy of its own."""
+    `copy`, each one a contiguous copy of its own (one copy, whatever the source's layout)."""
     if isinstance(t, dict):
         return {k: _to(v, device, copy) for k, v in t.items()}
     if isinstance(t, (list, tuple)):
         return type(t)(_to(v, device, copy) for v in t)
     if not isinstance(t, torch.Tensor):
         return t
-    return t.detach().to(device, copy=True).contiguous() if copy else t.to(device)
+    return t.detach().to(device, copy=True, memory_format=torch.contiguous_format) if copy else t.to(device)
 
 
 def forward_message(x: torch.Tensor, args: tuple, kwargs: dict, convs: Any) -> tuple:
@@ -212,7 +215,7 @@ def forward_message(x: torch.Tensor, args: tuple, kwargs: dict, convs: Any) -> t
     A copy also of CPU tensors: the queue's feeder thread pickles a message after put() returns,
     moving each tensor's storage into shared memory and freeing the old memory under any thread
     still reading it. Rank 0 reads x and the text context for its own band meanwhile; it read
-    garbage now and then (tests/test_multigpu.py: test_forward_message_copies)."""
+    garbage now and then (tests/test_parallel.py: test_forward_message_copies)."""
     return ("forward", *_to((x, args, kwargs), torch.device("cpu"), copy=True), convs)
 
 
@@ -258,11 +261,10 @@ def serve(rank: int, world: int, port: int, backend: str, timeout_s: float, devi
                     unet = builder.build_unet(msg[1], dev)
                     replies.put((rank, "ok", "loaded"))
                 elif msg[0] == "forward":
-                    _, x, args, kwargs, convs = msg
-                    with conv_settings_applied(unet, convs), band_parallel(unet, timeout_s=timeout_s) as bp, \
+                    x, args, kwargs = _to(msg[1:4], dev)
+                    with conv_settings_applied(unet, msg[4]), band_parallel(unet, timeout_s=timeout_s) as bp, \
                             torch.no_grad():
-                        bp.forward(unet, _to(x, dev), *[_to(a, dev) for a in args],
-                                   **{k: _to(v, dev) for k, v in kwargs.items()})
+                        bp.forward(unet, x, *args, **kwargs)
                     replies.put((rank, "ok", "forward"))
             except Exception:
                 replies.put((rank, "error", traceback.format_exc()))
